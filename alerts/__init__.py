@@ -1,0 +1,1 @@
+"""fallwatch alerts component."""

@@ -1,0 +1,1 @@
+"""fallwatch cloud_worker component."""

@@ -1,0 +1,1 @@
+"""fallwatch edge_worker component."""

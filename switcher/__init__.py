@@ -1,0 +1,1 @@
+"""fallwatch switcher component."""
