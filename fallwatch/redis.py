@@ -170,9 +170,11 @@ class EmbeddedRedis:
                 tail = self._log_tail()
                 raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {err or tail}")
             try:
-                if client.ping():
-                    log.debug("embedded_redis_started", url=self.url, pid=self.proc.pid)
-                    return self
+                client.ping()
+                log.debug("embedded_redis_started", url=self.url, pid=self.proc.pid)
+                return self
+            except redis.AuthenticationError:
+                return self  # it answered: it is up, and wants a password
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                 time.sleep(0.01)
             finally:

@@ -1,0 +1,31 @@
+from fallwatch.keys import Keys
+
+
+def test_key_formats_are_pinned() -> None:
+    k = Keys("fw")
+    assert k.frames_stream() == "fw:stream:frames"
+    assert k.verdicts_stream() == "fw:stream:verdicts"
+    assert k.final_stream() == "fw:stream:final"
+    assert k.alerts_stream() == "fw:stream:alerts"
+    assert k.camera_status_stream() == "fw:stream:camera-status"
+    assert k.dead_letter_stream() == "fw:stream:dead-letter"
+    assert k.notify_outbox_stream() == "fw:stream:notify-outbox"
+    assert k.alerts_channel() == "fw:channel:alerts"
+    assert k.pixels("cam1:42") == "fw:pixels:cam1:42"
+    assert k.pending_verdicts() == "fw:pending"
+    assert k.pending_edge("cam1:42") == "fw:pending:cam1:42"
+    assert k.final_done("cam1:42") == "fw:final:cam1:42"
+    assert k.camera_state("cam1") == "fw:camera:cam1:state"
+    assert k.camera_info("cam1") == "fw:camera:cam1:info"
+    assert k.event("abc") == "fw:event:abc"
+    assert k.delivered("abc", "ch0") == "fw:delivered:abc:ch0"
+    assert k.stats() == "fw:stats"
+    assert k.heartbeat("edge", "host-1") == "fw:heartbeat:edge:host-1"
+    assert k.heartbeat_pattern() == "fw:heartbeat:*:*"
+    assert k.counter("frames_dropped") == "fw:count:frames_dropped"
+    assert k.cloud_queue() == "fw-cloud"
+    assert (k.edge_group(), k.alerts_group()) == ("edge", "alerts")
+
+
+def test_default_prefix() -> None:
+    assert Keys().frames_stream() == "fallwatch:stream:frames"

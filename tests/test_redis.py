@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, connect, redact_url
+from fallwatch.settings import RedisSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not a running server
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.fixture
+def short_dir():
+    with tempfile.TemporaryDirectory(prefix="fw-") as d:
+        yield Path(d)
+
+
+def test_embedded_starts_on_a_socket_with_aof_and_stops_cleanly(short_dir: Path) -> None:
+    server = EmbeddedRedis(short_dir, appendonly=True).start()
+    pid = server.proc.pid
+    client = redis.Redis.from_url(server.url)
+    client.set("k", "v")
+    assert client.config_get("appendonly")["appendonly"] == "yes"
+    assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+    assert server.socket_path.exists()
+    client.close()
+    server.stop()
+    assert not pid_alive(pid)
+    assert not server.running
+
+
+def test_embedded_data_survives_restart_with_aof(short_dir: Path) -> None:
+    with EmbeddedRedis(short_dir, appendonly=True) as server:
+        c = redis.Redis.from_url(server.url)
+        c.xadd("s", {"a": "1"})
+        c.close()
+    with EmbeddedRedis(short_dir, appendonly=True) as server:
+        assert redis.Redis.from_url(server.url).xlen("s") == 1
+
+
+def test_redis_handle_owns_embedded_server(tmp_path: Path) -> None:
+    cfg = RedisSettings(data_dir=Path(tempfile.mkdtemp(prefix="fw-h-")))
+    with RedisHandle(cfg) as handle:
+        pid = handle.embedded.proc.pid
+        assert check(handle.client)["redis_version"]
+    assert not pid_alive(pid)
+
+
+def test_password_and_acl_user_over_url(short_dir: Path) -> None:
+    port = free_port()
+    acl = "user app on >app-pw ~* &* +@all"
+    extra = ["--requirepass", "admin-pw"]
+    with EmbeddedRedis(short_dir, appendonly=False, port=port, extra_args=extra) as server:
+        admin = redis.Redis(port=port, password="admin-pw")
+        admin.execute_command("ACL", "SETUSER", *acl.split()[1:])
+        ok = connect(RedisSettings(), f"redis://app:app-pw@127.0.0.1:{port}/0")
+        assert check(ok)["redis_version"]
+        assert ok.acl_whoami() in ("app", b"app")
+        # credentials from settings override the URL's
+        cfg = RedisSettings(username="app", password="app-pw")
+        assert connect(cfg, f"redis://127.0.0.1:{port}/0").acl_whoami() in ("app", b"app")
+        bad = connect(RedisSettings(retry_attempts=0), f"redis://app:wrong@127.0.0.1:{port}/0")
+        with pytest.raises(RedisUnavailable, match="authentication failed|WRONGPASS|invalid username-password"):
+            check(bad)
+        anon = connect(RedisSettings(retry_attempts=0), f"redis://127.0.0.1:{port}/0")
+        with pytest.raises(RedisUnavailable):
+            check(anon)
+
+
+def test_client_reconnects_after_server_restart(short_dir: Path) -> None:
+    port = free_port()
+    server = EmbeddedRedis(short_dir, appendonly=True, port=port).start()
+    client = connect(RedisSettings(retry_base_s=0.05, retry_cap_s=0.5, retry_attempts=20), server.url)
+    client.set("before", "1")
+    time.sleep(1.1)  # let everysec fsync run
+    server.stop()
+    restarted = EmbeddedRedis(short_dir, appendonly=True, port=port)
+    # restart in the background while the client is retrying
+    import threading
+
+    t = threading.Timer(0.5, restarted.start)
+    t.start()
+    try:
+        assert client.get("before") == b"1"
+    finally:
+        t.join()
+        restarted.stop()
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    client = connect(RedisSettings(retry_attempts=0, connect_timeout_s=0.5), f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
+        check(client)
+
+
+def test_redact_url() -> None:
+    assert redact_url("rediss://u:pw@h:6380/0") == "rediss://u:***@h:6380/0"
+    assert redact_url("unix:///tmp/x.sock") == "unix:///tmp/x.sock"
+
+
+def fallwatch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("fallwatch")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
+    return subprocess.run([str(exe), *args], env={**base, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.slow
+def test_health_command_on_embedded_redis_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = Path(tempfile.mkdtemp(prefix="fw-cli-"))
+    res = fallwatch("health", "--json", env={"FALLWATCH_REDIS__DATA_DIR": str(data)})
+    assert res.returncode == 0, res.stderr
+    assert '"ok": true' in res.stdout
+    procs = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True).stdout
+    assert procs.strip() == ""
+
+
+@pytest.mark.slow
+def test_health_command_fails_for_unreachable_or_wrong_password(redis_url: str) -> None:
+    res = fallwatch("health", env={"FALLWATCH_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
+                                   "FALLWATCH_REDIS__RETRY_ATTEMPTS": "0"})
+    assert res.returncode == 1
+    assert "cannot reach Redis" in res.stderr
+    res = fallwatch("health", env={"FALLWATCH_REDIS__URL": redis_url})
+    assert res.returncode == 0, res.stderr
