@@ -76,6 +76,10 @@ class Keys:
         """The edge verdict of a frame awaiting the cloud."""
         return self._k("pending", frame_id)
 
+    def pending_cloud(self, frame_id: str) -> str:
+        """A failed cloud verdict that arrived before its frame's edge verdict."""
+        return self._k("pending-cloud", frame_id)
+
     def final_done(self, frame_id: str) -> str:
         """Marker that a frame has its final verdict (deduplication)."""
         return self._k("final", frame_id)
@@ -83,6 +87,10 @@ class Keys:
     def camera_state(self, camera_id: str) -> str:
         """Hash: the alert state machine of one camera."""
         return self._k("camera", camera_id, "state")
+
+    def alert_cameras(self) -> str:
+        """Set: cameras with an active alert event (their quiet timers are checked)."""
+        return self._k("alert-cameras")
 
     def camera_info(self, camera_id: str) -> str:
         """Hash: last status, fps and last frame time of one camera."""

@@ -175,6 +175,8 @@ class NotificationSettings(Section):
     retry_base_s: float = Field(1.0, gt=0, le=600, description="First retry backoff of a failed notification.")
     retry_cap_s: float = Field(300.0, gt=0, le=86400, description="Largest retry backoff.")
     timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one delivery attempt.")
+    cooldown_s: float = Field(0.0, ge=0, le=86400,
+                              description="Per channel and camera: skip a notification this soon after the last one.")
 
 
 class MetricsSettings(Section):
