@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-deps test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -10,8 +10,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	./scripts/install.sh
 	touch $@
 
-test: install
+test: install test-deps
 	$(PY) -m pytest -q
+
+# System packages some tests need (GStreamer's RTSP server); idempotent.
+test-deps:
+	./scripts/install-rtsp.sh
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not fault and not rtsp"

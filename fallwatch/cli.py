@@ -5,9 +5,7 @@ entry-point group (a ``register(app)`` function each), so this core package impo
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +16,7 @@ import typer
 from fallwatch import __version__
 from fallwatch import logging as fw_logging
 from fallwatch.context import AppContext, app_context
+from fallwatch.runtime import stop_on_signals
 from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
 from fallwatch.settings import ConfigError, load_settings
 
@@ -89,25 +88,14 @@ def redis_cmd(ctx: typer.Context) -> None:
         typer.secho("redis.url is set: fallwatch uses that server, no embedded one is needed.", fg="yellow", err=True)
         raise typer.Exit(1)
     server = EmbeddedRedis(cfg.data_dir, appendonly=cfg.embedded_appendonly)
-    stop = _stop_flag()
+    stop = stop_on_signals()
     with server:
         typer.echo(f"embedded redis at {server.url} (data in {server.data_dir}); Ctrl-C to stop")
-        while not stop["set"] and server.running:
-            time.sleep(0.2)
-    if not stop["set"]:
+        while not stop.wait(0.2) and server.running:
+            pass
+    if not stop.is_set():
         typer.secho("redis-server exited unexpectedly", fg="red", err=True)
         raise typer.Exit(1)
-
-
-def _stop_flag() -> dict[str, bool]:
-    flag = {"set": False}
-
-    def handler(*_: object) -> None:
-        flag["set"] = True
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return flag
 
 
 @app.command("health")

@@ -207,6 +207,20 @@ class EmbeddedRedis:
         """SIGKILL, as a crash would."""
         self.stop(signal.SIGKILL)
 
+    def answers(self) -> bool:
+        """True when a server already listens on this data directory's socket."""
+        if not self.socket_path.exists():
+            return False
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.AuthenticationError:
+            return True
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+        finally:
+            client.close()
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -219,7 +233,8 @@ class EmbeddedRedis:
 
 
 class RedisHandle:
-    """The Redis a command should use: the configured URL, or an embedded server it owns.
+    """The Redis a command should use: the configured URL, the embedded server already running on
+    ``data_dir``, or else an embedded server it starts and owns.
 
     ``with RedisHandle(cfg) as h: h.client``. The embedded server, if any, stops on exit.
     """
@@ -227,18 +242,25 @@ class RedisHandle:
     def __init__(self, cfg: RedisSettings):
         self.cfg = cfg
         self.embedded: EmbeddedRedis | None = None
+        self.shared_url: str | None = None
         self._client: redis.Redis | None = None
 
     @property
     def url(self) -> str:
         if self.embedded is not None:
             return self.embedded.url
+        if self.shared_url is not None:
+            return self.shared_url
         assert self.cfg.url is not None
         return self.cfg.url.get_secret_value()
 
     def __enter__(self) -> "RedisHandle":
         if self.cfg.url is None:
-            self.embedded = EmbeddedRedis(self.cfg.data_dir, appendonly=self.cfg.embedded_appendonly).start()
+            server = EmbeddedRedis(self.cfg.data_dir, appendonly=self.cfg.embedded_appendonly)
+            if server.answers():
+                self.shared_url = server.url  # `fallwatch redis` or `fallwatch up` already runs it
+            else:
+                self.embedded = server.start()
         return self
 
     @property
