@@ -25,6 +25,8 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, size = img.format, img.size
+    except Image.DecompressionBombError as exc:
+        raise PoisonInput("oversized", f"image pixels exceed limits: {exc}") from None
     except Exception as exc:  # PIL raises many types for garbage
         raise PoisonInput("bad_image", f"unreadable image header: {exc}") from None
     if fmt != "JPEG":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 
 
@@ -19,3 +21,8 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def worker_name(role: str) -> str:
+    """A worker's default name: role-host-pid (unique per process)."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
