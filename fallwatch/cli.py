@@ -16,6 +16,7 @@ import typer
 from fallwatch import __version__
 from fallwatch import logging as fw_logging
 from fallwatch.context import AppContext, app_context
+from fallwatch.keys import Keys
 from fallwatch.runtime import stop_on_signals
 from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
 from fallwatch.settings import ConfigError, load_settings
@@ -101,7 +102,7 @@ def redis_cmd(ctx: typer.Context) -> None:
 @app.command("health")
 def health(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="What to check: redis (more roles register their own checks).")] = "redis",
+    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts.")] = "redis",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""
@@ -133,8 +134,20 @@ def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
     return check(handle.client, settings.redis.min_server_version)
 
 
+def _heartbeat_health(role: str):
+    def checker(settings, handle: RedisHandle) -> dict[str, object]:
+        check(handle.client, settings.redis.min_server_version)
+        pattern = Keys(settings.redis.key_prefix).heartbeat_pattern(role)
+        alive = sorted(k.decode().rsplit(":", 1)[-1] for k in handle.client.scan_iter(match=pattern, count=1000))
+        if not alive:
+            raise RedisUnavailable(f"no live {role} worker (no heartbeat under {pattern})")
+        return {"workers": alive}
+
+    return checker
+
+
 # role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
-HEALTH_CHECKS = {"redis": _redis_health}
+HEALTH_CHECKS = {"redis": _redis_health, **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts")}}
 
 
 def _load_plugins() -> None:

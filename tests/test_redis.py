@@ -145,3 +145,20 @@ def test_health_command_fails_for_unreachable_or_wrong_password(redis_url: str) 
     assert "cannot reach Redis" in res.stderr
     res = fallwatch("health", env={"FALLWATCH_REDIS__URL": redis_url})
     assert res.returncode == 0, res.stderr
+
+
+def test_health_of_a_role_reads_its_heartbeats(redis_url: str, r, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from fallwatch.cli import app
+    from fallwatch.keys import Keys
+
+    monkeypatch.setenv("FALLWATCH_REDIS__URL", redis_url)
+    runner = CliRunner()
+    res = runner.invoke(app, ["health", "edge", "--json"])
+    assert res.exit_code == 1 and "no live edge worker" in res.output
+    r.set(Keys().heartbeat("edge", "edge-host-1"), "1", ex=10)
+    res = runner.invoke(app, ["health", "edge", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"workers": ["edge-host-1"]' in res.output
+    assert runner.invoke(app, ["health", "nonsense"]).exit_code == 2
