@@ -1,8 +1,38 @@
-"""Sub-commands of this component, added to the `fallwatch` app."""
+"""`fallwatch cloud`: run a cloud (GPU) worker in the foreground."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
 
 import typer
 
+from fallwatch.context import app_context
+
+
+def cloud(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Option(help="Worker name (default: cloud-HOST-PID).")] = None,
+    burst: Annotated[bool, typer.Option(help="Quit when the queue is empty.")] = False,
+) -> None:
+    """Serve the cloud queue: load the cloud model once, score offloaded frames in micro-batches."""
+    from cloud_worker.model import CloudModel
+    from cloud_worker.worker import build_worker, run
+    from edge_worker.hub import ModelNotAvailable
+    from fallwatch.redis import RedisHandle
+    from fallwatch.runtime import stop_on_signals, worker_name
+
+    app_ctx = app_context(ctx)
+    settings = app_ctx.settings
+    try:
+        model = CloudModel.load(settings.cloud)
+    except ModelNotAvailable as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    stop = stop_on_signals()
+    with RedisHandle(settings.redis) as handle:
+        worker = build_worker(settings, handle.client, app_ctx.keys, model, name or worker_name("cloud"))
+        run(worker, stop, burst=burst, retry_cap_s=settings.redis.retry_cap_s)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this component's commands to ``app``."""
-    return None
+    app.command("cloud")(cloud)

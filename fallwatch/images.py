@@ -48,6 +48,6 @@ def decode_rgb_array(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray
     check_limits(data, max_bytes, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # writable: torch refuses read-only arrays
     except Exception as exc:
         raise PoisonInput("bad_image", f"corrupt JPEG: {exc}") from None

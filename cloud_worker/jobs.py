@@ -1,0 +1,141 @@
+"""RQ job functions run by cloud workers. They are named by string by the edge worker
+(``cloud_worker.jobs.score_offloads``), and their arguments are JSON (RQ's JSONSerializer).
+
+The model stays resident: :class:`CloudRuntime` is installed once per process by the worker
+(``fallwatch cloud``) and every job uses it; nothing is loaded per job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+import structlog
+from pydantic import ValidationError
+
+from fallwatch.images import PoisonInput, decode_rgb_array
+from fallwatch.keys import Keys
+from fallwatch.schemas import CloudVerdict, DeadLetter, ItemKind, OffloadRequest, encode
+from fallwatch.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CloudRuntime:
+    settings: Settings
+    client: redis.Redis
+    keys: Keys
+    model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
+    name: str
+
+
+_runtime: CloudRuntime | None = None
+
+
+def install(runtime: CloudRuntime | None) -> None:
+    """Make ``runtime`` the one every job in this process uses (None uninstalls)."""
+    global _runtime
+    _runtime = runtime
+
+
+def runtime() -> CloudRuntime:
+    if _runtime is None:
+        raise RuntimeError("no cloud runtime in this process: run jobs with `fallwatch cloud`, which loads the model once")
+    return _runtime
+
+
+def parse_requests(requests: Any) -> list[OffloadRequest]:
+    if not isinstance(requests, list) or not requests:
+        raise PoisonInput("bad_job", f"expected a non-empty list of offload requests, got {type(requests).__name__}")
+    try:
+        return [OffloadRequest.model_validate(r) for r in requests]
+    except ValidationError as exc:
+        raise PoisonInput("bad_job", f"invalid offload request: {exc.errors()[0]['msg']}") from None
+
+
+def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score a micro-batch of offloaded frames in one forward pass and publish CloudVerdicts."""
+    rt = runtime()
+    try:
+        reqs = parse_requests(requests)
+    except PoisonInput as exc:
+        _dead_letter(rt, exc)
+        return {"scored": 0, "dead_lettered": 1}
+    items, ready, missing = _load_items(rt, reqs)
+    verdicts = [_failure(r, rt.name, reason) for r, reason in missing]
+    if ready:
+        verdicts += _score(rt, ready, items)
+    pipe = rt.client.pipeline(transaction=False)
+    for v in verdicts:
+        pipe.xadd(rt.keys.verdicts_stream(), encode(v))
+    pipe.delete(*[r.pixels_key for r in reqs])
+    pipe.execute()
+    return {"scored": len(ready), "failed": len(missing)}
+
+
+def _load_items(rt: CloudRuntime, reqs: list[OffloadRequest]):
+    """Decoded items for the requests whose pixels are still there and sound."""
+    pipe = rt.client.pipeline(transaction=False)
+    for r in reqs:
+        pipe.hgetall(r.pixels_key)
+    stored = pipe.execute()
+    items, ready, missing = [], [], []
+    limits = (rt.settings.edge.max_image_bytes, rt.settings.edge.max_image_pixels)
+    for req, fields in zip(reqs, stored):
+        if not fields:
+            missing.append((req, "pixels expired or missing"))
+            continue
+        try:
+            frames = [decode_rgb_array(fields[b"p%d" % i], *limits) for i in range(req.n_images)]
+        except (PoisonInput, KeyError) as exc:
+            missing.append((req, f"bad pixels: {exc}"))
+            continue
+        items.append(np.stack(frames) if req.kind == ItemKind.CLIP else frames[0])
+        ready.append(req)
+    return items, ready, missing
+
+
+def _score(rt: CloudRuntime, reqs: list[OffloadRequest], items: list[np.ndarray]) -> list[CloudVerdict]:
+    scores = rt.model.score(items)
+    per_item_ms = scores.wall_s * 1000 / len(items)
+    energy = None if scores.energy_j is None else scores.energy_j / len(items)
+    log.info("cloud_batch_scored", worker=rt.name, items=len(items), ms=round(scores.wall_s * 1000, 1))
+    return [
+        CloudVerdict(frame_id=r.frame_id, camera_id=r.camera_id, captured_at=r.captured_at, ok=True,
+                     p_fall=float(p), is_fall=bool(p >= 0.5), cloud_ms=per_item_ms, energy_j=energy, worker=rt.name)
+        for r, p in zip(reqs, scores.p_fall)
+    ]
+
+
+def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:
+    return CloudVerdict(frame_id=req.frame_id, camera_id=req.camera_id, captured_at=req.captured_at, ok=False,
+                        error=error[:2000], worker=worker)
+
+
+def _dead_letter(rt: CloudRuntime, exc: PoisonInput, job_id: str = "") -> None:
+    letter = DeadLetter(source=rt.keys.cloud_queue(rt.settings.cloud.queue), entry_id=job_id, reason=exc.reason,
+                        error=str(exc)[:4000], worker=rt.name)
+    rt.client.xadd(rt.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
+    log.warning("job_dead_lettered", reason=exc.reason, error=str(exc))
+
+
+def on_offload_failure(job: Any, connection: redis.Redis, exc_type: type, exc_value: BaseException, tb: Any) -> None:
+    """RQ failure callback: when no retry is left, publish failure verdicts so alerts fall back at once."""
+    if job.retries_left:
+        log.warning("cloud_job_retrying", job=job.id, retries_left=job.retries_left, error=str(exc_value))
+        return
+    try:
+        reqs = parse_requests(job.args[0] if job.args else None)
+    except PoisonInput:
+        return
+    rt = runtime()
+    pipe = connection.pipeline(transaction=False)
+    for r in reqs:
+        pipe.xadd(rt.keys.verdicts_stream(), encode(_failure(r, rt.name, f"{exc_type.__name__}: {exc_value}")))
+    pipe.execute()
+    log.error("cloud_job_failed", job=job.id, frames=len(reqs), error=str(exc_value), at=time.time())
+
