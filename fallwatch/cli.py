@@ -20,6 +20,7 @@ from fallwatch.keys import Keys
 from fallwatch.runtime import stop_on_signals
 from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
 from fallwatch.settings import ConfigError, load_settings
+from fallwatch.supervisor import RoleSpec, Supervisor, child_env
 
 app = typer.Typer(
     name="fallwatch",
@@ -148,6 +149,39 @@ def _heartbeat_health(role: str):
 
 # role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
 HEALTH_CHECKS = {"redis": _redis_health, **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts")}}
+
+
+@app.command("up")
+def up(
+    ctx: typer.Context,
+    edge_workers: Annotated[int, typer.Option(min=0, max=64, help="Edge worker processes.")] = 1,
+    cloud: Annotated[bool, typer.Option(help="Run a cloud worker here too (needs the cloud model).")] = True,
+    ingest: Annotated[bool, typer.Option(help="Ingest the cameras in settings.")] = True,
+) -> None:
+    """Run every role on this machine (embedded Redis unless redis.url is set); Ctrl-C stops all."""
+    app_ctx = app_context(ctx)
+    settings = app_ctx.settings
+    specs = role_specs(settings, edge_workers, cloud, ingest)
+    stop = stop_on_signals()
+    try:
+        with RedisHandle(settings.redis) as handle:
+            check(handle.client, settings.redis.min_server_version)
+            log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
+            Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
+    except RedisUnavailable as exc:
+        typer.secho(f"redis: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool) -> list[RoleSpec]:
+    specs = []
+    if ingest and any(c.enabled for c in settings.cameras):
+        specs.append(RoleSpec("ingest", ("ingest",)))
+    specs += [RoleSpec(f"edge-{i + 1}", ("edge",)) for i in range(edge_workers)]
+    if cloud:
+        specs.append(RoleSpec("cloud", ("cloud",)))
+    specs.append(RoleSpec("alerts", ("alerts",)))
+    return specs
 
 
 def _load_plugins() -> None:
