@@ -60,8 +60,8 @@ def test_embedded_data_survives_restart_with_aof(short_dir: Path) -> None:
         assert redis.Redis.from_url(server.url).xlen("s") == 1
 
 
-def test_redis_handle_owns_embedded_server(tmp_path: Path) -> None:
-    cfg = RedisSettings(data_dir=Path(tempfile.mkdtemp(prefix="fw-h-")))
+def test_redis_handle_owns_embedded_server(short_dir: Path) -> None:
+    cfg = RedisSettings(data_dir=short_dir)
     with RedisHandle(cfg) as handle:
         pid = handle.embedded.proc.pid
         assert check(handle.client)["redis_version"]
@@ -128,8 +128,8 @@ def fallwatch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 @pytest.mark.slow
-def test_health_command_on_embedded_redis_leaves_nothing_behind(tmp_path: Path) -> None:
-    data = Path(tempfile.mkdtemp(prefix="fw-cli-"))
+def test_health_command_on_embedded_redis_leaves_nothing_behind(short_dir: Path) -> None:
+    data = short_dir
     res = fallwatch("health", "--json", env={"FALLWATCH_REDIS__DATA_DIR": str(data)})
     assert res.returncode == 0, res.stderr
     assert '"ok": true' in res.stdout
