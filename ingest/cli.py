@@ -1,8 +1,103 @@
-"""Sub-commands of this component, added to the `fallwatch` app."""
+"""Sub-commands of this component, added to the `fallwatch` app: ``ingest`` and ``replay``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from fallwatch.context import app_context
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (clean shutdown of every loop)."""
+    stop = threading.Event()
+
+    def handler(*_: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def ingest_cmd(
+    ctx: typer.Context,
+    camera: Annotated[Optional[list[str]], typer.Option("--camera", help="Camera id (repeatable); default: every enabled camera.")] = None,
+) -> None:
+    """Ingest the configured cameras into the frames stream until Ctrl-C / SIGTERM."""
+    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from ingest.camera import run_cameras, select_cameras  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    settings = actx.settings
+    try:
+        cameras = select_cameras(settings, camera)
+    except KeyError as exc:
+        typer.secho(str(exc.args[0]), fg="red", err=True)
+        raise typer.Exit(2) from None
+    if not cameras:
+        typer.secho("no enabled cameras in settings (cameras: [...] in the config file)", fg="red", err=True)
+        raise typer.Exit(2)
+    stop = _stop_on_signals()
+    try:
+        with RedisHandle(settings.redis) as handle:
+            check(handle.client, settings.redis.min_server_version)
+            run_cameras(settings, cameras, handle.client, actx.keys, stop)
+    except RedisUnavailable as exc:
+        typer.secho(f"Redis unavailable: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def replay_cmd(
+    ctx: typer.Context,
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="YOLO dataset root (ROOT/SPLIT/images, labels).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of --dataset.")] = "valid",
+    video: Annotated[Optional[list[str]], typer.Option("--video", help="Video file, optionally FILE:fall or FILE:nofall (repeatable).")] = None,
+    clips: Annotated[Optional[Path], typer.Option("--clips", help="Clip list (CSV/JSON) or folder of labelled videos.")] = None,
+    fps: Annotated[Optional[float], typer.Option("--fps", min=0.01, max=1000, help="Items per second; default ingest.fps.")] = None,
+    loop: Annotated[bool, typer.Option("--loop", help="Start again at the end, until Ctrl-C.")] = False,
+    camera_id: Annotated[str, typer.Option("--camera-id", help="Camera id on the stream.")] = "replay",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after this many stream items.")] = None,
+    speed: Annotated[float, typer.Option("--speed", min=0, help="Pacing: 1 = real time at --fps, 0 = as fast as the consumers take.")] = 1.0,
+    fall_class: Annotated[Optional[list[int]], typer.Option("--fall-class", help="YOLO class ids meaning fall (default 0).")] = None,
+) -> None:
+    """Replay a labelled dataset or labelled videos onto the frames stream, ground truth attached."""
+    from fallwatch.datasets import DatasetError  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from ingest.replay import dataset_source, run_replay, video_source  # noqa: PLC0415
+    from ingest.sources import SourceError  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    settings = actx.settings
+    if (dataset is None) == (not video and clips is None):
+        typer.secho("give either --dataset DIR or --video FILE / --clips LIST", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        if dataset is not None:
+            source = dataset_source(dataset, split, frozenset(fall_class or [0]))
+        else:
+            source = video_source(video or [], clips, settings.ingest.max_width)
+    except (DatasetError, SourceError) as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    stop = _stop_on_signals()
+    try:
+        with RedisHandle(settings.redis) as handle:
+            check(handle.client, settings.redis.min_server_version)
+            result = run_replay(settings, source, handle.client, actx.keys, stop, fps=fps, loop=loop,
+                                camera_id=camera_id, limit=limit, speed=speed)
+    except RedisUnavailable as exc:
+        typer.secho(f"Redis unavailable: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"replayed {result.items} items ({result.frames} frames) as camera {result.camera_id} "
+               f"in {result.seconds:.1f}s")
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to ``app``."""
-    return None
+    app.command("ingest")(ingest_cmd)
+    app.command("replay")(replay_cmd)

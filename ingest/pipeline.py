@@ -1,0 +1,64 @@
+"""Decoder thread → FrameBuffer → publisher loop, shared by cameras and replays."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from ingest.publisher import Publisher
+from ingest.records import FrameBuffer
+
+log = structlog.get_logger(__name__)
+
+Producer = Callable[[FrameBuffer, threading.Event], None]
+
+
+class Backoff:
+    """Capped exponential backoff: base, 2*base, 4*base, ... up to cap; :meth:`reset` after success."""
+
+    def __init__(self, base: float, cap: float):
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 62)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def run_pipeline(name: str, producer: Producer, buffer: FrameBuffer, publisher: Publisher,
+                 stop: threading.Event, limit: int | None = None, poll_s: float = 0.1) -> None:
+    """Run ``producer(buffer, halt)`` in its own thread and publish what it buffers, in this thread.
+
+    Returns when ``stop`` is set, ``limit`` items were published, or the producer finished and
+    the buffer is drained. The producer must close the buffer when it ends; ``halt`` tells it to.
+    """
+    halt = threading.Event()
+    thread = threading.Thread(target=_guarded, args=(name, producer, buffer, halt), name=name, daemon=True)
+    thread.start()
+    try:
+        while not stop.is_set() and (limit is None or publisher.stats.items < limit):
+            rec = buffer.get(timeout=poll_s)
+            if rec is not None:
+                publisher.handle(rec, dropped=buffer.take_dropped())
+            elif buffer.finished:
+                break
+    finally:
+        halt.set()
+        buffer.close()
+        thread.join()
+
+
+def _guarded(name: str, producer: Producer, buffer: FrameBuffer, halt: threading.Event) -> None:
+    try:
+        producer(buffer, halt)
+    except Exception:
+        log.exception("ingest_producer_crashed", producer=name)
+    finally:
+        buffer.close()

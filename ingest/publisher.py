@@ -1,0 +1,159 @@
+"""From sampled frames to stream entries: motion gating, clip assembly, JPEG, XADD, counters.
+
+One pipelined round trip per item: XADD (``MAXLEN ~``), the camera's counters and its
+``last_frame_at``. A Redis outage is waited out with capped backoff (the same item is retried);
+meanwhile the live buffer in front drops its oldest frames.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from fallwatch.keys import Keys
+from fallwatch.schemas import FrameMessage, ItemKind, encode
+from fallwatch.settings import IngestSettings
+from ingest.jpeg import encode_jpeg
+from ingest.records import FrameRecord, SeqAllocator
+from ingest.sampling import ClipAssembler, MotionGate
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class PublishStats:
+    items: int = 0  # stream entries (a clip is one)
+    frames: int = 0  # images inside them
+    gated: int = 0  # sampled frames/clips skipped as still (motion gating)
+    dropped: int = 0  # frames dropped by a full live buffer
+
+
+def counter_names(camera_id: str) -> dict[str, str]:
+    """Counter names (for ``Keys.counter``) of one camera, by PublishStats field."""
+    return {f: f"ingest:{camera_id}:{f}" for f in ("items", "frames", "gated", "dropped")}
+
+
+def clip_label(parts: list[FrameRecord]) -> bool | None:
+    """Ground truth of an item: fall if any frame is, unknown if no frame is labelled."""
+    labels = [p.gt_fall for p in parts if p.gt_fall is not None]
+    return any(labels) if labels else None
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Publisher:
+    """Publishes one camera's frames. ``max_pending`` (replays): wait while the edge group has
+    more than that many of our entries undelivered, so ``MAXLEN`` never trims unread frames."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, camera_id: str, ing: IngestSettings,
+                 stop: threading.Event, *, clips: bool | None = None, gating: bool | None = None,
+                 max_pending: int | None = None):
+        self.client = client
+        self.keys = keys
+        self.camera_id = camera_id
+        self.ing = ing
+        self.stop = stop
+        self.stats = PublishStats()
+        self.seq = SeqAllocator(client, keys.counter(f"ingest:{camera_id}:seq"))
+        use_clips = ing.clip.enabled if clips is None else clips
+        use_gate = ing.motion_gating if gating is None else gating
+        self.clips = ClipAssembler(ing.clip.frames, ing.clip.stride) if use_clips else None
+        self.gate = MotionGate(ing.motion_threshold, ing.keepalive_s) if use_gate else None
+        self.max_pending = max_pending
+        self._recent: deque[tuple[int, int]] = deque(maxlen=(max_pending or 0) + 1)
+        self._unsaved = PublishStats()  # counter deltas not yet written
+        self._moved = False
+
+    def handle(self, rec: FrameRecord, dropped: int = 0) -> bool:
+        """Feed one sampled frame; True when it completed an item that was published."""
+        self._unsaved.dropped += dropped
+        self.stats.dropped += dropped
+        moved = self.gate.moved(rec.rgb) if self.gate else True
+        parts: list[FrameRecord] | None = [rec]
+        if self.clips is not None:
+            self._moved = self._moved or moved
+            parts = self.clips.push(rec)
+            if parts is None:
+                return False
+            moved, self._moved = self._moved, False
+        if self.gate is not None and not self.gate.admit(moved, rec.captured_at):
+            self.stats.gated += 1
+            self._unsaved.gated += 1
+            return False
+        return self.publish(parts)
+
+    def build(self, parts: list[FrameRecord]) -> tuple[FrameMessage, list[bytes]]:
+        images = [encode_jpeg(p.rgb, self.ing.jpeg_quality, self.ing.max_width) for p in parts]
+        last = parts[-1]
+        msg = FrameMessage.make(
+            self.camera_id, self.seq.next(), captured_at=last.captured_at,
+            kind=ItemKind.CLIP if self.clips is not None else ItemKind.IMAGE, n_images=len(images),
+            width=images[0].width, height=images[0].height, gt_fall=clip_label(parts), source=last.source[:500],
+        )
+        return msg, [img.data for img in images]
+
+    def publish(self, parts: list[FrameRecord]) -> bool:
+        """Encode and XADD one item, retrying through Redis outages until done or stopped."""
+        msg, images = self.build(parts)
+        fields = encode(msg, images)
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                if self.max_pending is not None:
+                    self._wait_for_consumers()
+                self._write(msg, fields)
+                return True
+            except redis.RedisError as exc:
+                log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc), retry_s=delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.ing.reconnect_cap_s)
+        return False
+
+    def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
+        names = counter_names(self.camera_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.keys.frames_stream(), fields, maxlen=self.ing.stream_maxlen, approximate=True)
+        pipe.incrby(self.keys.counter(names["items"]), 1)
+        pipe.incrby(self.keys.counter(names["frames"]), msg.n_images)
+        for field in ("gated", "dropped"):
+            if getattr(self._unsaved, field):
+                pipe.incrby(self.keys.counter(names[field]), getattr(self._unsaved, field))
+        pipe.hset(self.keys.camera_info(self.camera_id),
+                  mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
+        entry_id = pipe.execute()[0]
+        self._unsaved = PublishStats()
+        self.stats.items += 1
+        self.stats.frames += msg.n_images
+        if self.max_pending is not None:
+            self._recent.append(_stream_id(entry_id))
+
+    def _wait_for_consumers(self) -> None:
+        """Block while more than ``max_pending`` of our entries are not yet delivered to the edge group."""
+        while not self.stop.is_set():
+            pending = self._undelivered()
+            if pending is None or pending < self.max_pending:
+                return
+            self.stop.wait(0.05)
+
+    def _undelivered(self) -> int | None:
+        try:
+            groups = self.client.xinfo_groups(self.keys.frames_stream())
+        except redis.ResponseError:  # no stream yet
+            return None
+        group = next((g for g in groups if _text(g.get("name")) == self.keys.edge_group()), None)
+        if group is None:  # nobody consumes yet: nothing to wait for
+            return None
+        last = _stream_id(group["last-delivered-id"])
+        return sum(1 for entry in self._recent if entry > last)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")

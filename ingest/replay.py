@@ -1,0 +1,113 @@
+"""Replays: a labelled dataset or labelled videos put on the frames stream at a given fps.
+
+Every frame carries its ground truth (``gt_fall``). Replays never drop: the buffer waits, and
+when an edge consumer group exists the publisher waits for it rather than let ``MAXLEN`` trim
+frames nobody has read. Motion gating is off (every labelled frame counts).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import redis
+import structlog
+
+from fallwatch.datasets import DEFAULT_FALL_CLASSES, LabeledClip, load_clips, load_yolo
+from fallwatch.keys import Keys
+from fallwatch.settings import IngestSettings, Settings
+from ingest.pipeline import run_pipeline
+from ingest.publisher import Publisher
+from ingest.records import BufferPolicy, FrameBuffer, FrameRecord
+from ingest.sampling import FpsSampler, Pacer
+from ingest.sources import ImageListSource, RawFrame, StopFlag, VideoListSource, parse_video_spec
+from ingest.status import StatusReporter
+
+log = structlog.get_logger(__name__)
+
+
+class ReplaySource(Protocol):
+    name: str
+
+    def frames(self, sampler: FpsSampler, stop: StopFlag) -> Iterator[RawFrame]: ...
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    camera_id: str
+    items: int
+    frames: int
+    seconds: float
+
+
+def dataset_source(root: Path, split: str, fall_classes: frozenset[int] = DEFAULT_FALL_CLASSES) -> ImageListSource:
+    """A YOLO split (``root/split/images``) as a replay source."""
+    return ImageListSource(load_yolo(Path(root), split, fall_classes), name=f"{Path(root).name}/{split}")
+
+
+def video_source(specs: Sequence[str] = (), clip_list: Path | None = None, max_width: int = 1280) -> VideoListSource:
+    """Videos from ``FILE[:fall|:nofall]`` specs and/or a clip list (see ``fallwatch.datasets.load_clips``)."""
+    clips: list[LabeledClip] = [parse_video_spec(s) for s in specs]
+    if clip_list is not None:
+        clips += load_clips(Path(clip_list))
+    return VideoListSource(clips, max_width=max_width)
+
+
+def replay_ingest(settings: Settings, camera_id: str) -> IngestSettings:
+    """Ingest settings of a replay: the camera's overrides if the id is configured, never gated."""
+    cam = next((c for c in settings.cameras if c.id == camera_id), None)
+    ing = settings.effective_ingest(cam) if cam is not None else settings.ingest
+    return ing.model_copy(update={"motion_gating": False})
+
+
+def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, keys: Keys,
+               stop: threading.Event, fps: float | None = None, loop: bool = False,
+               camera_id: str = "replay", limit: int | None = None, speed: float = 1.0) -> ReplayResult:
+    """Publish ``source`` as camera ``camera_id`` at ``fps`` (default ``ingest.fps``); ``speed`` 0 = no pacing."""
+    ing = replay_ingest(settings, camera_id)
+    fps = fps or ing.fps
+    clips = ing.clip.enabled and not isinstance(source, ImageListSource)
+    if ing.clip.enabled and not clips:
+        log.warning("replay_clips_ignored", camera=camera_id, reason="clip mode needs videos, not images")
+    publisher = Publisher(client, keys, camera_id, ing, stop, clips=clips,
+                          max_pending=max(1, ing.stream_maxlen // 2))
+    status = StatusReporter(client, keys, camera_id, name=camera_id, source=source.name, sample_fps=fps)
+    buffer = FrameBuffer(max(8, 2 * ing.clip.frames * ing.clip.stride), BufferPolicy.WAIT)
+
+    def produce(buf: FrameBuffer, halt: threading.Event) -> None:
+        replay_loop(source, camera_id, fps, loop, speed, buf, halt)
+
+    started = time.monotonic()
+    status.online(fps)
+    log.info("replay_started", camera=camera_id, source=source.name, fps=fps, loop=loop, limit=limit)
+    run_pipeline(f"replay-{camera_id}", produce, buffer, publisher, stop, limit=limit)
+    status.offline("replay finished")
+    result = ReplayResult(camera_id, publisher.stats.items, publisher.stats.frames, time.monotonic() - started)
+    log.info("replay_finished", camera=camera_id, items=result.items, frames=result.frames,
+             seconds=round(result.seconds, 3))
+    return result
+
+
+def replay_loop(source: ReplaySource, camera_id: str, fps: float, loop: bool, speed: float,
+                buffer: FrameBuffer, halt: threading.Event) -> None:
+    """Feed the source's frames into ``buffer`` in (scaled) real time, once or until halted."""
+    pacer = Pacer(speed, gap_s=1 / fps)
+    seq, offset = 0, 0
+    while not halt.is_set():
+        segments = 0
+        for raw in source.frames(FpsSampler(fps), halt):
+            segment = offset + raw.segment
+            segments = max(segments, raw.segment + 1)
+            if not pacer.wait(raw.pts_s, segment, halt):
+                return
+            rec = FrameRecord(camera_id, seq, time.time(), raw.rgb, raw.gt_fall, raw.pts_s, segment, raw.source)
+            seq += 1
+            if not buffer.put(rec, halt):
+                return
+        if not loop or seq == 0:
+            return
+        offset += segments

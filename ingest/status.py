@@ -1,0 +1,64 @@
+"""Camera online/offline state: a CameraStatus on the status stream at every change, plus the info hash."""
+
+from __future__ import annotations
+
+import redis
+import structlog
+
+from fallwatch.keys import Keys
+from fallwatch.schemas import CameraState, CameraStatus, encode
+
+log = structlog.get_logger(__name__)
+
+STATUS_STREAM_MAXLEN = 10_000
+
+
+class StatusReporter:
+    """Tracks one camera's state; writes only on a change (a failed write is retried on the next call)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, camera_id: str, *, name: str = "",
+                 source: str = "", sample_fps: float | None = None):
+        self.client = client
+        self.keys = keys
+        self.camera_id = camera_id
+        self.name = name or camera_id
+        self.source = source
+        self.sample_fps = sample_fps
+        self.state: CameraState | None = None
+        self.reason = ""
+
+    def online(self, fps: float | None = None) -> None:
+        if self.state is not CameraState.ONLINE:
+            self._emit(CameraState.ONLINE, "", fps)
+
+    def offline(self, reason: str) -> None:
+        if self.state is not CameraState.OFFLINE:
+            self._emit(CameraState.OFFLINE, reason, None)
+
+    def _emit(self, state: CameraState, reason: str, fps: float | None) -> None:
+        msg = CameraStatus(camera_id=self.camera_id, state=state, reason=reason[:1000], fps=fps)
+        info = {
+            "state": state.value, "reason": msg.reason, "changed_at": msg.at, "name": self.name,
+            "source": self.source, "fps": "" if fps is None else fps,
+            "sample_fps": "" if self.sample_fps is None else self.sample_fps,
+        }
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self.keys.camera_status_stream(), encode(msg), maxlen=STATUS_STREAM_MAXLEN, approximate=True)
+            pipe.hset(self.keys.camera_info(self.camera_id), mapping=info)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("camera_status_unsaved", camera=self.camera_id, state=state.value, error=str(exc))
+            return
+        self.state, self.reason = state, msg.reason
+        if state is CameraState.ONLINE:
+            log.info("camera_online", camera=self.camera_id, source=self.source, fps=fps)
+        else:
+            log.warning("camera_offline", camera=self.camera_id, source=self.source, reason=msg.reason)
+
+
+def read_info(client: redis.Redis, keys: Keys, camera_id: str) -> dict[str, str]:
+    """The camera's info hash as text (empty when the camera was never seen)."""
+    raw = client.hgetall(keys.camera_info(camera_id))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
