@@ -101,6 +101,8 @@ class AvSource:
         try:
             container = av.open(self.url, options=self._options(),
                                 timeout=(self.open_timeout_s, self.read_timeout_s))
+        except av.error.ExitError:  # the interrupt callback: open timeout
+            raise SourceError(f"cannot open {self.name}: no answer within {self.open_timeout_s:g}s") from None
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise SourceError(f"cannot open {self.name}: {clean_error(exc, self.url)}") from None
         if not container.streams.video:
@@ -118,6 +120,8 @@ class AvSource:
             self.fps = float(rate) if rate else None
             stream.codec_context.thread_count = 1  # many cameras per core: one thread each is cheapest
             yield from self._decode(container, stream, sampler, stop, segment)
+        except av.error.ExitError:  # the interrupt callback: read timeout
+            raise SourceError(f"{self.name} stalled: no data for {self.read_timeout_s:g}s") from None
         except (av.error.FFmpegError, OSError) as exc:
             raise SourceError(f"reading {self.name} failed: {clean_error(exc, self.url)}") from None
         finally:
@@ -141,7 +145,7 @@ class AvSource:
             if self.live and time.monotonic() - last_frame > self.read_timeout_s:
                 raise SourceError(f"{self.name} stalled: no frame for {self.read_timeout_s:g}s")
         if self.live:
-            raise SourceError(f"{self.name} ended the stream")
+            raise SourceError(f"{self.name} ended the stream (server closed or restarted)")
 
 
 class WebcamSource:
