@@ -1,8 +1,178 @@
-"""Sub-commands of this component, added to the `fallwatch` app."""
+"""``fallwatch alerts``: the service (plain command), ``tail``, ``ack`` and ``stats``."""
 
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, Optional
+
+import structlog
 import typer
+
+from fallwatch.context import app_context
+
+log = structlog.get_logger(__name__)
+
+
+def format_event(ev: Any) -> str:
+    """One line per AlertEvent for ``tail``."""
+    when = datetime.fromtimestamp(ev.at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [when, f"{ev.type.value:<6}", f"{ev.kind.value:<14}", ev.camera_name or ev.camera_id]
+    if ev.confidence is not None:
+        parts.append(f"confidence {100 * ev.confidence:.0f}%")
+    if ev.decided_by is not None:
+        parts.append(f"by {ev.decided_by.value}")
+    if ev.acknowledged:
+        parts.append(f"acknowledged by {ev.acknowledged_by or '?'}")
+    parts.append(f"event {ev.event_id}")
+    return "  ".join(parts)
+
+
+def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, failed: list[str],
+             label: str) -> Callable[[], None]:
+    def body() -> None:
+        try:
+            target(stop)
+        except Exception:  # report, and take the whole service down cleanly
+            log.exception("component_crashed", component=label)
+            failed.append(label)
+            stop.set()
+
+    return body
+
+
+def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
+    from alerts.notify import Notifier  # noqa: PLC0415 - keeps `fallwatch --help` fast
+    from alerts.service import AlertsService, default_name  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from fallwatch.runtime import stop_on_signals  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    settings, keys = actx.settings, actx.keys
+    name = name or default_name()
+    stop = stop_on_signals()
+    failed: list[str] = []
+    try:
+        with RedisHandle(settings.redis) as handle:
+            check(handle.client, settings.redis.min_server_version)
+            workers = [("alerts", AlertsService(settings, handle.client, keys, name).run)]
+            if notify:
+                try:
+                    notifier = Notifier(settings, handle.client, keys, f"{name}-notify")
+                except ValueError as exc:
+                    typer.secho(f"notifications: {exc}", fg="red", err=True)
+                    raise typer.Exit(2) from None
+                workers.append(("notifier", notifier.run))
+            threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
+                       for label, fn in workers]
+            for t in threads:
+                t.start()
+            while not stop.wait(0.5):
+                pass
+            for t in threads:
+                t.join(timeout=10)
+    except RedisUnavailable as exc:
+        typer.secho(f"alerts: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if failed:
+        raise typer.Exit(1)
+
+
+def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+    from fallwatch.runtime import stop_on_signals  # noqa: PLC0415
+    from fallwatch.schemas import AlertEvent, SchemaError, decode  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    keys = actx.keys
+    stop = stop_on_signals()
+
+    def show(parse: Callable[[], AlertEvent]) -> None:
+        try:
+            ev = parse()
+        except SchemaError as exc:
+            typer.secho(f"skipped a malformed event: {exc}", fg="yellow", err=True)
+            return
+        typer.echo(ev.model_dump_json() if as_json else format_event(ev))
+
+    with RedisHandle(actx.settings.redis) as handle:
+        client = handle.client
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.alerts_channel())
+        for _, fields in reversed(client.xrevrange(keys.alerts_stream(), count=history) if history else []):
+            show(lambda f=fields: decode(f, expect=AlertEvent)[0])
+        while not stop.is_set():
+            msg = pubsub.get_message(timeout=0.5)
+            if msg is not None:
+                show(lambda m=msg: AlertEvent.from_json(m["data"]))
+        pubsub.close()
+
+
+def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
+    from alerts.store import EventNotFound, acknowledge  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    with RedisHandle(actx.settings.redis) as handle:
+        try:
+            ev = acknowledge(handle.client, actx.keys, event_id, by, actx.settings.alerts.stream_maxlen)
+        except EventNotFound:
+            typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(format_event(ev))
+
+
+def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
+    from alerts.stats import format_stats, read_stats  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    with RedisHandle(actx.settings.redis) as handle:
+        report = read_stats(handle.client, actx.keys)
+    typer.echo(json.dumps(report.to_dict()) if as_json else format_stats(report))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this component's commands to ``app``."""
-    return None
+    """Add ``fallwatch alerts`` (service) and its sub-commands to ``app``."""
+    alerts_app = typer.Typer(help="Merge verdicts, run alert events, notify caregivers.",
+                             invoke_without_command=True, no_args_is_help=False)
+
+    @alerts_app.callback()
+    def alerts_main(
+        ctx: typer.Context,
+        name: Annotated[Optional[str], typer.Option(help="Consumer name (default: host and pid).")] = None,
+        notify: Annotated[bool, typer.Option("--notify/--no-notify", help="Also deliver notifications.")] = True,
+    ) -> None:
+        """Run the alerts service (Ctrl-C or SIGTERM stops it cleanly)."""
+        if ctx.invoked_subcommand is None:
+            run_service(ctx, name, notify)
+
+    @alerts_app.command("tail")
+    def tail_command(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
+        history: Annotated[int, typer.Option(min=0, help="First print the last N events of the alerts stream.")] = 0,
+    ) -> None:
+        """Print alert events live as they are published."""
+        tail(ctx, as_json, history)
+
+    @alerts_app.command("ack")
+    def ack_command(
+        ctx: typer.Context,
+        event_id: Annotated[str, typer.Argument(help="Event id (from tail or a notification).")],
+        by: Annotated[str, typer.Option("--by", help="Who acknowledges.")] = "cli",
+    ) -> None:
+        """Acknowledge an alert event (publishes an update)."""
+        acknowledge_cmd(ctx, event_id, by)
+
+    @alerts_app.command("stats")
+    def stats_command(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ) -> None:
+        """Online scoring: F1/precision/recall (frames with ground truth), offload rate, latency."""
+        stats_cmd(ctx, as_json)
+
+    app.add_typer(alerts_app, name="alerts")

@@ -1,0 +1,179 @@
+"""The per-camera alert state machine, as pure functions (the Redis side is in ``alerts.store``).
+
+Fall events
+    ``alerts.debounce_k`` fall verdicts among ``alerts.debounce_n`` consecutive final verdicts
+    (consecutive in capture order) start an event; each further fall verdict updates it; the
+    event ends once ``alerts.quiet_s`` pass without a fall (checked on every verdict and by a
+    timer); after the end no new event starts on that camera for ``alerts.cooldown_s``, and
+    falls captured during the cooldown do not count towards the next event's debounce.
+
+Order
+    Final verdicts can arrive out of capture order: an offloaded frame is decided seconds after
+    the confident frames that follow it. Each verdict is inserted at its ``captured_at`` place
+    in a short per-camera history, and the debounce test looks at every window of n consecutive
+    verdicts that contains it, so a late cloud verdict counts as if it had arrived on time. The
+    history keeps ``cloud_timeout_s + quiet_s`` of capture time (at most ``HISTORY_MAX``
+    verdicts), enough for any verdict the merge step can still produce. A verdict captured
+    before a previous event's logical end (``last fall + quiet_s``) cannot start a new event:
+    stragglers of an ended event are absorbed by its cooldown.
+
+Times
+    Quiet and cooldown are measured on the capture timeline; the timer compares the wall clock
+    with the last fall's capture time. The logical end of an event is ``last fall + quiet_s``,
+    whichever of the two notices it.
+
+Camera offline
+    ``CameraStatus`` offline starts a ``camera_offline`` event, online ends it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FinalVerdict, new_id
+from fallwatch.settings import AlertsSettings
+
+HISTORY_MAX = 256
+EVENT_FRAMES_MAX = 100
+
+
+class Observation(BaseModel):
+    """One final verdict as the state machine remembers it."""
+
+    model_config = ConfigDict(frozen=True)
+    frame_id: str
+    at: float
+    fall: bool
+    p: float
+    by: Decider
+
+    @classmethod
+    def of(cls, v: FinalVerdict) -> "Observation":
+        return cls(frame_id=v.frame_id, at=v.captured_at, fall=v.is_fall, p=v.p_fall, by=v.decided_by)
+
+    @property
+    def order(self) -> tuple[float, str]:
+        return (self.at, self.frame_id)
+
+
+class CameraAlertState(BaseModel):
+    """Everything the state machine keeps for one camera (stored in ``keys.camera_state``)."""
+
+    model_config = ConfigDict(frozen=True)
+    history: tuple[Observation, ...] = ()
+    fall_event: str | None = None
+    last_fall_at: float = 0.0
+    cooldown_until: float = 0.0
+    offline_event: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.fall_event is not None or self.offline_event is not None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One lifecycle step to publish; ``alerts.store`` turns it into an AlertEvent."""
+
+    type: EventType
+    kind: EventKind
+    event_id: str
+    at: float
+    confidence: float | None = None
+    decided_by: Decider | None = None
+    frame_ids: tuple[str, ...] = ()
+    description: str | None = None
+
+
+Transition = tuple[CameraAlertState, list[Step]]
+
+
+def _insert(history: tuple[Observation, ...], obs: Observation) -> tuple[tuple[Observation, ...], int]:
+    orders = [h.order for h in history]
+    i = bisect.bisect(orders, obs.order)
+    return history[:i] + (obs,) + history[i:], i
+
+
+def _prune(history: tuple[Observation, ...], horizon_s: float) -> tuple[Observation, ...]:
+    if not history:
+        return history
+    newest = history[-1].at
+    kept = tuple(h for h in history if h.at >= newest - horizon_s)
+    return kept[-HISTORY_MAX:]
+
+
+def hit_window(history: tuple[Observation, ...], i: int, k: int, n: int,
+               since: float = 0.0) -> tuple[Observation, ...] | None:
+    """The falls (captured at or after ``since``) of the first window of n consecutive verdicts
+    containing position i that holds at least k of them."""
+    for start in range(max(0, i - n + 1), i + 1):
+        falls = tuple(h for h in history[start:start + n] if h.fall and h.at >= since)
+        if len(falls) >= k:
+            return falls
+    return None
+
+
+def _strongest(falls: tuple[Observation, ...]) -> Observation:
+    return max(falls, key=lambda h: (h.p, h.at))
+
+
+def _start(falls: tuple[Observation, ...]) -> Step:
+    top = _strongest(falls)
+    return Step(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
+                decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls))
+
+
+def _end(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
+    assert state.fall_event is not None
+    ended_at = state.last_fall_at + cfg.quiet_s
+    step = Step(EventType.END, EventKind.FALL, state.fall_event, at=ended_at)
+    new = state.model_copy(update={"fall_event": None, "cooldown_until": ended_at + cfg.cooldown_s})
+    return new, [step]
+
+
+def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings) -> Transition:
+    """Apply one final verdict. A verdict already in the history (redelivery) changes nothing."""
+    obs = Observation.of(verdict)
+    if any(h.frame_id == obs.frame_id for h in state.history):
+        return state, []
+    history, i = _insert(state.history, obs)
+    state = state.model_copy(update={"history": history})
+    steps: list[Step] = []
+    if state.fall_event is not None and obs.at - state.last_fall_at > cfg.quiet_s:
+        state, steps = _end(state, cfg)
+    if state.fall_event is not None and obs.fall:
+        steps.append(Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
+                          decided_by=obs.by, frame_ids=(obs.frame_id,)))
+        state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at)})
+    elif state.fall_event is None and obs.fall and obs.at >= state.cooldown_until:
+        falls = hit_window(history, i, cfg.debounce_k, cfg.debounce_n, since=state.cooldown_until)
+        if falls is not None:
+            step = _start(falls)
+            steps.append(step)
+            last_fall = max(h.at for h in falls)
+            state = state.model_copy(update={"fall_event": step.event_id, "last_fall_at": last_fall})
+    horizon = cfg.cloud_timeout_s + cfg.quiet_s
+    return state.model_copy(update={"history": _prune(state.history, horizon)}), steps
+
+
+def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transition:
+    """End a fall event that has been quiet for ``quiet_s`` of wall-clock time."""
+    if state.fall_event is not None and now - state.last_fall_at > cfg.quiet_s:
+        return _end(state, cfg)
+    return state, []
+
+
+def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
+    """Offline starts a camera_offline event, online ends it; repeats change nothing."""
+    if status.state is CameraState.OFFLINE and state.offline_event is None:
+        step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
+                    description=status.reason or None)
+        return state.model_copy(update={"offline_event": step.event_id}), [step]
+    if status.state is CameraState.ONLINE and state.offline_event is not None:
+        step = Step(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
+                    description=status.reason or None)
+        return state.model_copy(update={"offline_event": None}), [step]
+    return state, []

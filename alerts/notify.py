@@ -1,0 +1,392 @@
+"""Caregiver notifications through a durable outbox.
+
+When an event starts, the alerts service writes one :class:`Delivery` per channel to
+``keys.notify_outbox_stream()`` in the same transaction as the event. The :class:`Notifier`
+consumes the outbox with the ``keys.notify_group()`` consumer group:
+
+- a delivered (or deliberately suppressed) entry is marked ``SET keys.delivered(event, channel)
+  NX``, acknowledged and deleted, so the outbox holds only what is still owed;
+- a failed delivery stays pending and is retried, by any notifier, once it has been idle for
+  ``min(retry_cap_s, retry_base_s * 2**(attempts-1))`` (and never sooner than ``timeout_s``, so an
+  attempt still in flight elsewhere is not duplicated); XPENDING's delivery count is the
+  attempt count, so retries survive restarts;
+- before sending, an existing ``delivered`` marker means the work is done (redelivery after a
+  crash between sending and acknowledging).
+
+Channels are one class hierarchy (:class:`NotificationChannel`, with a per-camera cooldown);
+:class:`AppriseChannel` sends to one apprise URL. A channel is named by a hash of its URL, so
+outbox entries, markers and logs never contain the URL, which may hold credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import redis
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from alerts.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.keys import Keys
+from fallwatch.logging import redact_text
+from fallwatch.schemas import AlertEvent, Decider, EventKind, SchemaError, now
+from fallwatch.settings import NotificationSettings, Settings
+
+log = structlog.get_logger(__name__)
+
+DELIVERED_TTL_S = 30 * 86400
+OUTBOX_FIELD = b"d"
+
+DECIDER_TEXT = {
+    Decider.EDGE: "edge model (ViLT)",
+    Decider.CLOUD: "cloud model (LLaVA-NeXT-Video)",
+    Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
+    Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
+}
+
+
+class Delivery(BaseModel):
+    """One notification owed on one channel (an outbox entry)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    event_id: str = Field(..., min_length=1)
+    channel: str = Field(..., min_length=1)
+    camera_id: str = Field(..., min_length=1)
+    kind: EventKind
+    title: str
+    body: str
+    frame_id: str | None = None
+    created_at: float = Field(default_factory=now)
+
+    def to_fields(self) -> dict[bytes, bytes]:
+        return {OUTBOX_FIELD: self.model_dump_json().encode()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> "Delivery":
+        try:
+            return cls.model_validate_json(fields[OUTBOX_FIELD])
+        except KeyError:
+            raise SchemaError("outbox entry has no 'd' field") from None
+        except ValidationError as exc:
+            raise SchemaError(f"invalid outbox entry: {exc.error_count()} errors: {exc.errors()[0]['msg']}") from None
+
+
+# --- channels and their names --------------------------------------------------------------
+
+
+def channel_id(url: str) -> str:
+    """A stable, non-secret name for the channel of an apprise URL."""
+    return "apprise-" + hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+def _camera_urls(settings: Settings, camera_id: str) -> list[SecretStr]:
+    urls = list(settings.notifications.urls)
+    for cam in settings.cameras:
+        if cam.id == camera_id:
+            urls += cam.notify
+    return urls
+
+
+def channel_ids_for(settings: Settings, camera_id: str) -> list[str]:
+    """Channels notified about a camera: the global URLs plus the camera's own, without repeats."""
+    ids = [channel_id(u.get_secret_value()) for u in _camera_urls(settings, camera_id)]
+    return list(dict.fromkeys(ids))
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def compose(event: AlertEvent) -> tuple[str, str]:
+    """Title and body of the notification of an event's start."""
+    name = event.camera_name or event.camera_id
+    if event.kind is EventKind.CAMERA_OFFLINE:
+        reason = f" Reason: {event.description}." if event.description else ""
+        return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
+    conf = f"{100 * event.confidence:.0f}%" if event.confidence is not None else "unknown"
+    by = DECIDER_TEXT.get(event.decided_by, "unknown model") if event.decided_by else "unknown model"
+    body = (f"Possible fall on camera {name} at {_when(event.started_at)}. "
+            f"Confidence {conf}, decided by the {by}. Event {event.event_id}.")
+    return f"Fall detected: {name}", body
+
+
+def deliveries_for(event: AlertEvent, settings: Settings) -> list[Delivery]:
+    """The outbox entries owed for an event's start, one per channel."""
+    title, body = compose(event)
+    frame = event.frame_ids[-1] if event.frame_ids else None
+    return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
+                     title=title, body=body, frame_id=frame)
+            for ch in channel_ids_for(settings, event.camera_id)]
+
+
+class DeliveryStatus(StrEnum):
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"  # within the channel's cooldown for this camera
+
+
+class NotificationChannel(ABC):
+    """A way to reach caregivers. Subclasses implement :meth:`deliver`; :meth:`send` adds the
+    per-camera cooldown (a channel stays quiet about one camera and kind for ``cooldown_s``
+    after a delivery) and turns exceptions into failures, so a broken channel never raises."""
+
+    def __init__(self, name: str, cooldown_s: float = 0.0, clock: Callable[[], float] = time.time):
+        self.name, self.cooldown_s, self.clock = name, cooldown_s, clock
+        self._last_sent: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
+        """Send the notification now; True when the service accepted it."""
+
+    def in_cooldown(self, note: Delivery) -> bool:
+        last = self._last_sent.get((note.camera_id, note.kind.value))
+        return self.cooldown_s > 0 and last is not None and self.clock() - last < self.cooldown_s
+
+    def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
+        with self._lock:
+            if self.in_cooldown(note):
+                return DeliveryStatus.SUPPRESSED
+        try:
+            ok = self.deliver(note, attachment)
+        except Exception as exc:  # a channel must never take the notifier down
+            log.warning("notification_error", channel=self.name, error=_SECRETS.scrub(f"{type(exc).__name__}: {exc}"))
+            ok = False
+        if not ok:
+            return DeliveryStatus.FAILED
+        with self._lock:
+            self._last_sent[(note.camera_id, note.kind.value)] = self.clock()
+        return DeliveryStatus.DELIVERED
+
+
+class _SecretFilter(logging.Filter):
+    """Removes configured secret fragments from records of third-party loggers (apprise, urllib3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fragments: set[str] = set()
+
+    def add_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        candidates = [url, parts.netloc, parts.password or "", parts.username or "",
+                      *parts.path.split("/"), *(v for _, v in parse_qsl(parts.query))]
+        self.fragments |= {c for c in candidates if len(c) >= 4}
+
+    def scrub(self, text: str) -> str:
+        for frag in sorted(self.fragments, key=len, reverse=True):
+            text = text.replace(frag, "***")
+        return redact_text(text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragments:
+            record.msg, record.args = self.scrub(record.getMessage()), ()
+        return True
+
+
+_SECRETS = _SecretFilter()
+for _name in ("apprise", "urllib3", "urllib3.connectionpool"):
+    logging.getLogger(_name).addFilter(_SECRETS)
+
+
+def _with_timeouts(url: str, timeout_s: float) -> str:
+    """Add apprise's connect/read timeouts (cto/rto) unless the URL sets them."""
+    query = dict(parse_qsl(urlsplit(url).query))
+    extra = [f"{k}={timeout_s:g}" for k in ("cto", "rto") if k not in query]
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + "&".join(extra)
+
+
+class AppriseChannel(NotificationChannel):
+    """One apprise URL (``json://``, ``mailto://``, ``ntfy://`` ...)."""
+
+    def __init__(self, url: SecretStr, timeout_s: float = 10.0, cooldown_s: float = 0.0,
+                 clock: Callable[[], float] = time.time):
+        import apprise  # noqa: PLC0415 - loads ~200 plugins; only the notifier needs it
+
+        secret = url.get_secret_value()
+        super().__init__(channel_id(secret), cooldown_s, clock)
+        _SECRETS.add_url(secret)
+        self.timeout_s = timeout_s
+        self._apprise = apprise.Apprise()
+        if not self._apprise.add(_with_timeouts(secret, timeout_s)):
+            raise ValueError(f"notification channel {self.name}: apprise does not accept this URL "
+                             f"(scheme {urlsplit(secret).scheme!r})")
+
+    def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
+        result = self._apprise.notify(body=note.body, title=note.title,
+                                      attach=str(attachment) if attachment else None, timeout=self.timeout_s)
+        return bool(result)
+
+
+def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
+    """Every channel named in the settings (global and per-camera URLs), by name."""
+    n: NotificationSettings = cfg.notifications
+    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify]
+    channels: dict[str, NotificationChannel] = {}
+    for url in urls:
+        name = channel_id(url.get_secret_value())
+        if name not in channels:
+            channels[name] = AppriseChannel(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
+    return channels
+
+
+# --- the outbox consumer ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotifyReport:
+    """What one :meth:`Notifier.step` did."""
+
+    delivered: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    skipped: int = 0      # already delivered earlier
+    dead_letters: int = 0
+    retried: int = 0      # of the attempts, how many were retries
+
+    @property
+    def attempts(self) -> int:
+        return self.delivered + self.failed
+
+
+def backoff_s(attempts: int, cfg: NotificationSettings) -> float:
+    """Idle time before retry number ``attempts`` (1 = the first retry) may start."""
+    exp = min(cfg.retry_cap_s, cfg.retry_base_s * 2 ** max(0, attempts - 1))
+    return max(exp, cfg.timeout_s)
+
+
+class Notifier:
+    """Delivers the outbox. Drive with :meth:`step` (tests) or :meth:`run` (a thread)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str,
+                 channels: dict[str, NotificationChannel] | None = None, batch: int = 50,
+                 block_ms: int = 500):
+        self.settings, self.client, self.keys, self.name = settings, client, keys, name
+        self.cfg = settings.notifications
+        self.channels = channels if channels is not None else build_channels(settings)
+        self.batch, self.block_ms = batch, block_ms
+        self.stream, self.group = keys.notify_outbox_stream(), keys.notify_group()
+        self._started = False
+
+    def setup(self) -> None:
+        ensure_group(self.client, self.stream, self.group)
+
+    def step(self, block_ms: int | None = None) -> NotifyReport:
+        if not self._started:
+            self.setup()
+        tally: dict[str, int] = {}
+        if not self._started:  # entries this consumer name left pending in an earlier run
+            for entry in read_own_pending(self.client, self.group, self.name, self.stream, self.batch):
+                self._handle(entry, tally)
+            self._started = True
+        for entry in self._due_retries():
+            tally["retried"] = tally.get("retried", 0) + 1
+            self._handle(entry, tally)
+        for entry in read_group(self.client, self.group, self.name, [self.stream], self.batch, block_ms):
+            self._handle(entry, tally)
+        return NotifyReport(**tally)
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("notifier_started", consumer=self.name, channels=len(self.channels))
+        while not stop.is_set():
+            try:
+                self.step(self.block_ms)
+            except redis.RedisError as exc:
+                log.warning("notifier_redis_error", error=redact_text(str(exc)))
+                stop.wait(1.0)
+                self._started = False  # set the group up again after a server restart
+        log.info("notifier_stopped", consumer=self.name)
+
+    def outbox_size(self) -> int:
+        """Notifications still owed (delivered entries are deleted)."""
+        return int(self.client.xlen(self.stream))
+
+    # --- retries -------------------------------------------------------------------------------
+    def _due_retries(self) -> Iterable[Entry]:
+        """Pending entries (of any consumer) whose backoff has passed, claimed for this one."""
+        min_idle = int(1000 * backoff_s(1, self.cfg))
+        pending = self.client.xpending_range(self.stream, self.group, "-", "+", 1000, idle=min_idle)
+        for p in pending:
+            wait_ms = int(1000 * backoff_s(int(p["times_delivered"]), self.cfg))
+            if int(p["time_since_delivered"]) < wait_ms:
+                continue
+            claimed = self.client.xclaim(self.stream, self.group, self.name, wait_ms, [p["message_id"]])
+            for entry_id, fields in claimed:
+                yield Entry(self.stream, entry_id.decode(), fields or None)
+
+    # --- one entry -----------------------------------------------------------------------------
+    def _handle(self, entry: Entry, tally: dict[str, int]) -> None:
+        outcome = self._process(entry)
+        tally[outcome] = tally.get(outcome, 0) + 1
+
+    def _process(self, entry: Entry) -> str:
+        if entry.fields is None:
+            ack(self.client, self.group, entry)
+            return "skipped"
+        try:
+            note = Delivery.from_fields(entry.fields)
+        except SchemaError as exc:
+            return self._dead(entry, "schema_error", str(exc))
+        channel = self.channels.get(note.channel)
+        if channel is None:
+            return self._dead(entry, "unknown_channel", f"channel {note.channel} is not configured any more")
+        marker = self.keys.delivered(note.event_id, note.channel)
+        if self.client.exists(marker):
+            self._finish(entry)
+            return "skipped"
+        status = self._send(channel, note)
+        if status is DeliveryStatus.FAILED:
+            attempts = self._attempts(entry)
+            log.warning("notification_failed", channel=note.channel, event_id=note.event_id, attempt=attempts,
+                        retry_in_s=round(backoff_s(attempts, self.cfg), 2))
+            return "failed"
+        self.client.set(marker, status.value, nx=True, ex=DELIVERED_TTL_S)
+        self._finish(entry)
+        log.info("notification_sent" if status is DeliveryStatus.DELIVERED else "notification_suppressed",
+                 channel=note.channel, event_id=note.event_id, camera=note.camera_id)
+        return status.value
+
+    def _send(self, channel: NotificationChannel, note: Delivery) -> DeliveryStatus:
+        if not (self.cfg.snapshot and note.frame_id):
+            return channel.send(note)
+        with tempfile.TemporaryDirectory(prefix="fw-snap-") as tmp:
+            path = self._snapshot(note.frame_id, Path(tmp))
+            return channel.send(note, path)
+
+    def _snapshot(self, frame_id: str, folder: Path) -> Path | None:
+        """The frame's middle image, if its pixels are still kept (offloaded frames, for a while)."""
+        images = self.client.hgetall(self.keys.pixels(frame_id))
+        if not images:
+            log.info("snapshot_unavailable", frame=frame_id)
+            return None
+        names = sorted(images, key=lambda k: int(k[1:]) if k[1:].isdigit() else 0)
+        path = folder / "snapshot.jpg"
+        path.write_bytes(images[names[len(names) // 2]])
+        return path
+
+    def _attempts(self, entry: Entry) -> int:
+        info = self.client.xpending_range(self.stream, self.group, entry.id, entry.id, 1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def _finish(self, entry: Entry) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.group, entry.id)
+            pipe.xdel(self.stream, entry.id)
+            pipe.execute()
+
+    def _dead(self, entry: Entry, reason: str, error: str) -> str:
+        dead_letter(self.client, self.keys.dead_letter_stream(), entry, reason, error, self.name)
+        self._finish(entry)
+        return "dead_letters"

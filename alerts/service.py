@@ -1,0 +1,200 @@
+"""The alerts service: verdicts in, final verdicts and alert events out.
+
+One :meth:`AlertsService.step` reads a batch from the verdicts and final streams (group
+``keys.alerts_group()``) and the camera-status stream (group ``keys.status_group()``), merges
+verdicts into final verdicts (``alerts.merge``), finalises frames whose cloud deadline passed,
+applies the final verdicts and status changes to the camera state machines (``alerts.store``)
+and ends quiet events. Every entry is acknowledged only after what it caused is written, and a
+bad entry is dead-lettered and acknowledged so the service carries on. Final verdicts go through
+their own stream so the event stage is at-least-once too: a crash between writing a final
+verdict and applying it to the camera leaves the final-stream entry pending, to be reclaimed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+import structlog
+
+from alerts.merge import MergeResult, Outcome, VerdictMerger
+from alerts.store import EventStore
+from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
+                            trim_consumed)
+from fallwatch.keys import Keys
+from fallwatch.logging import redact_text
+from fallwatch.schemas import AlertEvent, CameraStatus, CloudVerdict, EdgeVerdict, FinalVerdict, SchemaError, decode
+from fallwatch.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+ROLE = "alerts"
+
+
+def default_name(role: str = ROLE) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one :meth:`AlertsService.step` did."""
+
+    verdicts: int = 0
+    statuses: int = 0
+    finals: int = 0
+    duplicates: int = 0
+    waiting: int = 0
+    timeouts: int = 0
+    dead_letters: int = 0
+    claimed: int = 0
+    events: tuple[AlertEvent, ...] = field(default_factory=tuple)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.verdicts or self.statuses or self.finals or self.timeouts or self.events or self.claimed)
+
+
+class AlertsService:
+    """Run with :meth:`run` in a thread (stop with the event) or drive :meth:`step` directly."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str | None = None,
+                 clock: Callable[[], float] = time.time, batch: int = 100, block_ms: int = 500,
+                 claim_idle_ms: int | None = None, claim_every_s: float = 15.0):
+        self.settings, self.client, self.keys = settings, client, keys
+        self.name = name or default_name()
+        self.clock, self.batch, self.block_ms = clock, batch, block_ms
+        self.claim_idle_ms = claim_idle_ms if claim_idle_ms is not None else settings.edge.claim_idle_ms
+        self.claim_every_s = claim_every_s
+        self.merger = VerdictMerger(client, keys, settings.alerts, clock, worker=self.name)
+        self.store = EventStore(client, keys, settings, clock)
+        self.group, self.status_group = keys.alerts_group(), keys.status_group()
+        self.verdicts, self.finals = keys.verdicts_stream(), keys.final_stream()
+        self.status = keys.camera_status_stream()
+        self._last_claim: float | None = None
+        self._ready = False
+
+    def setup(self) -> None:
+        ensure_group(self.client, self.verdicts, self.group)
+        ensure_group(self.client, self.finals, self.group)
+        ensure_group(self.client, self.status, self.status_group)
+
+    # --- one batch -------------------------------------------------------------------------------
+    def step(self, block_ms: int | None = None) -> StepReport:
+        """Process one batch. ``block_ms`` None: do not wait for new entries."""
+        if not self._ready:
+            self.setup()
+            self._ready = True
+        tally: Counter[str] = Counter()
+        events: list[AlertEvent] = []
+        if self._claim_due():
+            self._reclaim(tally, events)
+            trim_consumed(self.client, self.verdicts)
+        for entry in read_group(self.client, self.group, self.name, [self.verdicts, self.finals], self.batch, block_ms):
+            self._dispatch(entry, tally, events)
+        for entry in read_group(self.client, self.status_group, self.name, [self.status], self.batch):
+            self._dispatch(entry, tally, events)
+        for result in self.merger.expire(self.batch):
+            self._count_merge(result, tally, timeout=True)
+        for entry in read_group(self.client, self.group, self.name, [self.finals], self.batch):
+            self._dispatch(entry, tally, events)
+        events += self.store.tick()
+        return StepReport(events=tuple(events), **tally)
+
+    def _claim_due(self) -> bool:
+        now = time.monotonic()
+        if self._last_claim is None or now - self._last_claim >= self.claim_every_s:
+            self._last_claim = now
+            return True
+        return False
+
+    def _reclaim(self, tally: Counter[str], events: list[AlertEvent]) -> None:
+        """Own pending entries (same consumer name restarted) and idle ones of dead consumers."""
+        sources = [(self.verdicts, self.group), (self.finals, self.group), (self.status, self.status_group)]
+        for stream, group in sources:
+            entries = read_own_pending(self.client, group, self.name, stream, self.batch)
+            entries += reclaim(self.client, stream, group, self.name, self.claim_idle_ms, self.batch)
+            tally["claimed"] += len(entries)
+            for entry in entries:
+                self._dispatch(entry, tally, events)
+
+    # --- entries ---------------------------------------------------------------------------------
+    def _dispatch(self, entry: Entry, tally: Counter[str], events: list[AlertEvent]) -> None:
+        group = self.status_group if entry.stream == self.status else self.group
+        if entry.fields is None:  # deleted (trimmed) before it was claimed
+            ack(self.client, group, entry)
+            return
+        try:
+            self._process(entry, tally, events)
+        except SchemaError as exc:
+            self._dead(entry, group, "schema_error", str(exc), tally)
+            return
+        except redis.RedisError:
+            raise  # not acknowledged: retried after reconnecting
+        except Exception as exc:  # a poison entry must not stop the service
+            log.exception("entry_failed", stream=entry.stream, entry_id=entry.id)
+            self._dead(entry, group, "processing_error", redact_text(f"{type(exc).__name__}: {exc}"), tally)
+            return
+        ack(self.client, group, entry)
+
+    def _process(self, entry: Entry, tally: Counter[str], events: list[AlertEvent]) -> None:
+        assert entry.fields is not None
+        msg, _ = decode(entry.fields)
+        if entry.stream == self.verdicts:
+            if not isinstance(msg, (EdgeVerdict, CloudVerdict)):
+                raise SchemaError(f"expected an edge or cloud verdict on the verdicts stream, got {msg.type_name!r}")
+            tally["verdicts"] += 1
+            self._count_merge(self.merger.handle(msg), tally)
+        elif entry.stream == self.finals:
+            if not isinstance(msg, FinalVerdict):
+                raise SchemaError(f"expected a final verdict on the final stream, got {msg.type_name!r}")
+            events += self.store.apply_final(msg)
+        else:
+            if not isinstance(msg, CameraStatus):
+                raise SchemaError(f"expected a camera status, got {msg.type_name!r}")
+            tally["statuses"] += 1
+            events += self.store.apply_status(msg)
+
+    def _count_merge(self, result: MergeResult, tally: Counter[str], timeout: bool = False) -> None:
+        if result.outcome is Outcome.FINAL:
+            tally["finals"] += 1
+            tally["timeouts"] += int(timeout)
+        elif result.outcome is Outcome.DUPLICATE:
+            tally["duplicates"] += 1
+        elif result.outcome is Outcome.WAITING:
+            tally["waiting"] += 1
+        else:
+            tally["dead_letters"] += 1
+
+    def _dead(self, entry: Entry, group: str, reason: str, error: str, tally: Counter[str]) -> None:
+        dead_letter(self.client, self.keys.dead_letter_stream(), entry, reason, error, self.name)
+        ack(self.client, group, entry)
+        tally["dead_letters"] += 1
+
+    # --- loop ------------------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        ttl = max(1, int(3 * self.settings.metrics.heartbeat_s))
+        self.client.set(self.keys.heartbeat(ROLE, self.name), repr(time.time()), ex=ttl)
+
+    def run(self, stop: threading.Event) -> None:
+        """Process until ``stop`` is set; Redis outages are waited out with capped backoff."""
+        log.info("alerts_started", consumer=self.name)
+        delay, last_beat = 0.1, 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() - last_beat >= self.settings.metrics.heartbeat_s:
+                    self.heartbeat()
+                    last_beat = time.monotonic()
+                self.step(self.block_ms)
+                delay = 0.1
+            except redis.RedisError as exc:
+                log.warning("alerts_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                self._ready = False  # a restarted server may have lost the groups
+        log.info("alerts_stopped", consumer=self.name)
