@@ -12,7 +12,7 @@ Order
     the confident frames that follow it. Each verdict is inserted at its ``captured_at`` place
     in a short per-camera history, and the debounce test looks at every window of n consecutive
     verdicts that contains it, so a late cloud verdict counts as if it had arrived on time. The
-    history keeps ``cloud_timeout_s + quiet_s`` of capture time (at most ``HISTORY_MAX``
+    history keeps ``cloud_timeout_s + quiet_s`` of capture time (at most ``HISTORY_MAX`` or 2n
     verdicts), enough for any verdict the merge step can still produce. A verdict captured
     before a previous event's logical end (``last fall + quiet_s``) cannot start a new event:
     stragglers of an ended event are absorbed by its cooldown.
@@ -97,12 +97,13 @@ def _insert(history: tuple[Observation, ...], obs: Observation) -> tuple[tuple[O
     return history[:i] + (obs,) + history[i:], i
 
 
-def _prune(history: tuple[Observation, ...], horizon_s: float) -> tuple[Observation, ...]:
+def _prune(history: tuple[Observation, ...], cfg: AlertsSettings) -> tuple[Observation, ...]:
+    """Keep ``cloud_timeout_s + quiet_s`` of capture time, and at most max(HISTORY_MAX, 2n) verdicts."""
     if not history:
         return history
-    newest = history[-1].at
-    kept = tuple(h for h in history if h.at >= newest - horizon_s)
-    return kept[-HISTORY_MAX:]
+    horizon = history[-1].at - (cfg.cloud_timeout_s + cfg.quiet_s)
+    kept = tuple(h for h in history if h.at >= horizon)
+    return kept[-max(HISTORY_MAX, 2 * cfg.debounce_n):]
 
 
 def hit_window(history: tuple[Observation, ...], i: int, k: int, n: int,
@@ -155,8 +156,7 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
             steps.append(step)
             last_fall = max(h.at for h in falls)
             state = state.model_copy(update={"fall_event": step.event_id, "last_fall_at": last_fall})
-    horizon = cfg.cloud_timeout_s + cfg.quiet_s
-    return state.model_copy(update={"history": _prune(state.history, horizon)}), steps
+    return state.model_copy(update={"history": _prune(state.history, cfg)}), steps
 
 
 def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transition:

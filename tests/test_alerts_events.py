@@ -206,3 +206,12 @@ def test_ack_command(cfg, redis_url, r, keys, clock) -> None:
     assert load_event(r, keys, ev.event_id).acknowledged
     missing = CliRunner().invoke(app, ["alerts", "ack", "no-such-event"], env=env)
     assert missing.exit_code == 1
+
+
+def test_history_is_bounded_in_time_and_count() -> None:
+    state, _ = feed([(i * 0.5, False) for i in range(100)])  # 50 s of verdicts, horizon 15 s
+    assert len(state.history) == 31 and state.history[0].at == T0 + 34.5
+    cfg, state = CFG.model_copy(update={"quiet_s": 3600.0}), CameraAlertState()
+    for i in range(600):
+        state, _ = on_final(state, final(i, T0 + i * 0.01, False), cfg)
+    assert len(state.history) == 256 and state.history[0].frame_id == "cam1:344"

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-import redis
+import pytest
 
 from alerts.notify import Notifier
 from alerts.service import AlertsService
 from alerts.testing import edge_verdict, plant, read_all
+from fallwatch.keys import Keys
+from fallwatch.redis import EmbeddedRedis, connect
 from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, FinalVerdict
 from fallwatch.settings import Settings
 from fallwatch.webhook import WebhookReceiver
@@ -79,3 +83,27 @@ def test_alerts_command_serves_and_stops_cleanly_on_sigterm(redis_url, r, keys) 
         outs = {name: p.communicate(timeout=10) for name, p in procs.items()}
     assert {name: p.returncode for name, p in procs.items()} == {name: 0 for name in procs}, outs
     assert "alerts_stopped" in outs["alerts"][1]
+
+
+@pytest.mark.fault
+def test_service_carries_on_after_a_redis_restart() -> None:
+    server = EmbeddedRedis(tempfile.mkdtemp(prefix="fw-alerts-"), appendonly=False).start()
+    settings = Settings(redis={"url": server.url, "retry_attempts": 2, "retry_base_s": 0.01, "retry_cap_s": 0.05,
+                               "socket_timeout_s": 2})
+    client, keys, stop = connect(settings.redis), Keys(), threading.Event()
+    thread = threading.Thread(target=AlertsService(settings, client, keys, name="f", block_ms=100).run, args=(stop,))
+    thread.start()
+    try:
+        plant(client, keys.verdicts_stream(), edge_verdict("cam8:0", time.time(), 0.9))
+        assert wait_for(lambda: client.exists(keys.final_done("cam8:0")))
+        server.stop()
+        time.sleep(0.3)
+        server.start()  # empty: the groups are gone too
+        plant(client, keys.verdicts_stream(), edge_verdict("cam8:1", time.time(), 0.9))
+        assert wait_for(lambda: client.exists(keys.final_done("cam8:1")))
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+    assert not thread.is_alive()
