@@ -1,0 +1,93 @@
+"""The offline ``tiny`` ViLT preset: a ``ViltForQuestionAnswering`` small enough to build in a blink.
+
+It has the same class, processor and preprocessing (384 px shortest edge, 32 px patches, 40 text
+positions) as ``dandelin/vilt-b32-finetuned-vqa``, but a 32-wide, 2-layer transformer with seeded
+random weights, a small WordPiece vocabulary built here, and ten answers that include ``yes`` and
+``no``. Its feature size (the input of the classifier's last Linear) is ``2 * hidden = 64``; the
+real model's is 1536. It is saved with ``save_pretrained`` and always loaded back through
+``from_pretrained``, exactly like a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_worker.hub import build_atomically
+
+RECIPE_VERSION = 1
+HIDDEN = 32
+ANSWERS = ("yes", "no", "fall", "standing", "sitting", "lying", "walking", "0", "1", "2")
+WORDS = (
+    "is the person falling fallen lying on floor ground a an there someone who what doing are down "
+    "standing sitting walking fall yes no in this image video picture man woman people anyone has"
+).split()
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+PUNCT = "?.,!'-:;\"()"
+
+
+def tiny_dir_name(seed: int) -> str:
+    return "tiny-vilt" if seed == 0 else f"tiny-vilt-seed{seed}"
+
+
+def ensure_tiny_vilt(root: Path, seed: int = 0) -> Path:
+    """The tiny ViLT directory under ``root``, built once (atomically) if missing or stale."""
+    recipe = {"model": "tiny-vilt", "version": RECIPE_VERSION, "seed": seed}
+    return build_atomically(Path(root) / tiny_dir_name(seed), recipe, lambda d: build_tiny_vilt(d, seed))
+
+
+def tiny_vocab() -> dict[str, int]:
+    """A WordPiece vocabulary: BERT specials, a few question words, single chars and ``##`` pieces."""
+    tokens = [*SPECIALS, *dict.fromkeys(WORDS), *CHARS, *PUNCT, *(f"##{c}" for c in CHARS)]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+
+
+def tiny_vilt_config(vocab_size: int):
+    from transformers import ViltConfig
+
+    return ViltConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * HIDDEN,
+        image_size=384,
+        patch_size=32,
+        max_position_embeddings=40,
+        id2label=dict(enumerate(ANSWERS)),
+        label2id={a: i for i, a in enumerate(ANSWERS)},
+        pad_token_id=0,
+    )
+
+
+def vilt_b32_vqa_config():
+    """The public config of ``dandelin/vilt-b32-finetuned-vqa`` (written in, nothing downloaded).
+
+    ViLT-B/32: hidden 768, 12 layers, 12 heads, 384 px images in 32 px patches, 40 text positions,
+    3129 VQA answers ("yes" is answer 3 and "no" answer 9, as in the real head). Used to build
+    full-size models with random weights for tests and benchmarks.
+    """
+    from transformers import ViltConfig
+
+    answers = [f"answer{i}" for i in range(3129)]
+    answers[3], answers[9] = "yes", "no"
+    return ViltConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        image_size=384, patch_size=32, max_position_embeddings=40, vocab_size=30522,
+        id2label=dict(enumerate(answers)), label2id={a: i for i, a in enumerate(answers)},
+    )
+
+
+def build_tiny_vilt(out: Path, seed: int = 0) -> None:
+    """Write the tiny model, processor and tokenizer into ``out`` with ``save_pretrained``."""
+    import torch
+    from transformers import BertTokenizer, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+
+    vocab = tiny_vocab()
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=40)
+    image_processor = ViltImageProcessor(size={"shortest_edge": 384}, size_divisor=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(tiny_vilt_config(len(vocab)))
+    model.save_pretrained(out)
+    ViltProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
