@@ -1,0 +1,241 @@
+"""The cloud model: LLaVA-NeXT-Video answering "is the person falling?" on images and clips.
+
+``CloudModel.score`` builds one chat prompt per item through the processor's chat template (or
+fallwatch's shipped LLaVA template when the model directory has none), left-pads the batch
+(images and clips may be mixed) and runs ONE forward pass, keeping only the last position's
+logits. No generation is involved.
+
+Yes/no: tokenizers spell the answer several ways (``▁yes``, ``yes``, ``▁Yes``, ``Yes``, ``YES``,
+byte-level ``Ġyes``...). Every spelling that is a single token of the vocabulary counts. The yes
+logit is the logsumexp of the next-token logits over all yes spellings, likewise for no, so
+``softmax([yes, no])[0]`` is the model's total probability of answering any form of "yes",
+renormalised over yes + no.
+
+Energy: on a GPU, the NVML total-energy counter is read before and after the batch; elsewhere
+``energy_j`` is None (never estimated).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from cloud_worker.energy import EnergyMeter
+from cloud_worker.tiny import chat_template, ensure_tiny_llava
+from edge_worker.hub import ModelNotAvailable, load_pretrained, resolve
+from fallwatch.settings import CloudSettings
+
+log = structlog.get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPELLINGS = {"yes": ("yes", "Yes", "YES"), "no": ("no", "No", "NO")}
+WORD_PREFIXES = ("", "▁", "Ġ")  # none, sentencepiece word start, byte-level BPE word start
+DESCRIBE_PROMPT = "Describe briefly what the person is doing."
+
+
+@dataclass(frozen=True)
+class CloudScores:
+    p_fall: np.ndarray  # (B,) softmax over next-token logits of the "yes" vs "no" tokens
+    yes_no_logits: np.ndarray  # (B, 2)
+    wall_s: float
+    energy_j: float | None  # NVML total-energy counter delta on a GPU; None where there is no counter
+    prompt_tokens: list[int]  # prompt length per item (image/video tokens included)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    prompt: int  # the whole prompt, image/video tokens included
+    image: int
+    video: int
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    yes: tuple[int, ...]
+    no: tuple[int, ...]
+
+
+class CloudModel:
+    """A loaded LLaVA-NeXT-Video model with its processor; build it with :meth:`load`."""
+
+    def __init__(self, model_id: str, model: Any, processor: Any, cfg: CloudSettings, device: torch.device):
+        self.model_id = model_id
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.dtype = model.dtype
+        self.question = cfg.question
+        self.num_frames = cfg.num_frames
+        self.answers = answer_tokens(self.tokenizer, model_id)
+        self._prompts = {kind: self._prompt(kind, cfg.question) for kind in ("image", "video")}
+        self._energy = EnergyMeter.for_device(device)
+
+    @classmethod
+    def load(cls, cfg: CloudSettings, cache_dir: Path | None = None) -> "CloudModel":
+        """Load ``cfg.model`` (hub id, local directory or ``tiny``) as configured by ``cfg``."""
+        from transformers import AutoProcessor, LlavaNextVideoForConditionalGeneration
+
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        source = resolve(cfg.model, "cloud", ensure_tiny_llava, cache_dir)
+        processor = load_pretrained("cloud", source, AutoProcessor.from_pretrained)
+        processor.tokenizer.padding_side = "left"
+        if not processor.chat_template:
+            log.info("cloud_chat_template_fallback", model=cfg.model)
+            processor.chat_template = chat_template()
+        kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, **_quantization(cfg, dtype, device)}
+        model = load_pretrained("cloud", source, LlavaNextVideoForConditionalGeneration.from_pretrained, **kwargs)
+        if cfg.quantization == "none":
+            model = model.to(device)
+        log.info("cloud_model_loaded", model=cfg.model, dtype=str(dtype), device=str(device), quantization=cfg.quantization)
+        return cls(cfg.model, model.eval(), processor, cfg, device)
+
+    def _prompt(self, kind: str, text: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, items: Sequence[np.ndarray], question: str | None = None) -> dict[str, torch.Tensor]:
+        """Processor output for a left-padded batch of images (HxWx3) and clips (TxHxWx3), on the device."""
+        if len(items) == 0:
+            raise ValueError("CloudModel needs at least one item")
+        prompts, images, videos = [], [], []
+        for item in items:
+            kind = item_kind(item)
+            item = item if item.flags.writeable else item.copy()  # torch cannot share read-only memory
+            prompts.append(self._prompt(kind, question) if question else self._prompts[kind])
+            (images if kind == "image" else videos).append(
+                item if kind == "image" else sample_frames(item, self.num_frames)
+            )
+        enc = self.processor(
+            text=prompts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
+        )
+        return {k: self._to_device(v) for k, v in enc.items()}
+
+    def _to_device(self, value: torch.Tensor) -> torch.Tensor:
+        if value.is_floating_point():
+            return value.to(self.device, self.dtype)
+        return value.to(self.device)
+
+    def score(self, items: Sequence[np.ndarray]) -> CloudScores:
+        """p(fall) for each image or clip, from one forward pass over the whole batch."""
+        start = time.perf_counter()
+        energy_start = self._energy.read_j()
+        inputs = self.prepare(items)
+        mask = inputs["attention_mask"]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at 0
+        with torch.inference_mode():
+            out = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+        logits = out.logits[:, -1, :].float()
+        yes_no = torch.stack([self._combine(logits, self.answers.yes), self._combine(logits, self.answers.no)], dim=1)
+        p_fall = torch.softmax(yes_no, dim=1)[:, 0]
+        energy_end = self._energy.read_j()
+        return CloudScores(
+            p_fall=p_fall.cpu().numpy().astype(np.float32),
+            yes_no_logits=yes_no.cpu().numpy().astype(np.float32),
+            wall_s=time.perf_counter() - start,
+            energy_j=None if energy_start is None or energy_end is None else energy_end - energy_start,
+            prompt_tokens=[int(n) for n in mask.sum(dim=1).tolist()],
+        )
+
+    @staticmethod
+    def _combine(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+        return torch.logsumexp(logits[:, list(ids)], dim=1)
+
+    def token_counts(self, item: np.ndarray) -> TokenCounts:
+        """How many prompt, image and video tokens ``item`` takes."""
+        ids = self.prepare([item])["input_ids"][0]
+        cfg = self.model.config
+        return TokenCounts(
+            prompt=int(ids.numel()),
+            image=int((ids == cfg.image_token_id).sum()),
+            video=int((ids == cfg.video_token_id).sum()),
+        )
+
+    def describe(self, item: np.ndarray, max_new_tokens: int = 40) -> str:
+        """A short free-text description of ``item`` (greedy generation), e.g. for notifications."""
+        inputs = self.prepare([item], question=DESCRIBE_PROMPT)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
+        new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def answer_tokens(tokenizer: Any, model_id: str) -> AnswerTokens:
+    """Every single-token spelling of "yes" and "no" in the tokenizer's vocabulary."""
+    vocab = tokenizer.get_vocab()
+    found = {}
+    for answer, spellings in SPELLINGS.items():
+        ids = {vocab[p + s] for s in spellings for p in WORD_PREFIXES if p + s in vocab}
+        for text in (*spellings, *(" " + s for s in spellings)):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+        ids.discard(tokenizer.unk_token_id)
+        if not ids:
+            raise ModelNotAvailable(f"cloud model {model_id!r}: its tokenizer has no single token for {answer!r}")
+        found[answer] = tuple(sorted(ids))
+    if set(found["yes"]) & set(found["no"]):
+        raise ModelNotAvailable(f"cloud model {model_id!r}: 'yes' and 'no' share a token id")
+    return AnswerTokens(yes=found["yes"], no=found["no"])
+
+
+def item_kind(item: np.ndarray) -> str:
+    """"image" for HxWx3 uint8, "video" for TxHxWx3 uint8; ValueError otherwise."""
+    if not isinstance(item, np.ndarray) or item.dtype != np.uint8 or item.shape[-1:] != (3,):
+        shape = getattr(item, "shape", None)
+        raise ValueError(f"expected a uint8 HxWx3 image or TxHxWx3 clip, got {type(item).__name__} {shape}")
+    if item.ndim == 3:
+        return "image"
+    if item.ndim == 4 and item.shape[0] > 0:
+        return "video"
+    raise ValueError(f"expected a uint8 HxWx3 image or TxHxWx3 clip, got shape {item.shape}")
+
+
+def sample_frames(clip: np.ndarray, num_frames: int) -> np.ndarray:
+    """``num_frames`` frames taken uniformly over the clip (repeats when it is shorter), C-contiguous."""
+    if clip.shape[0] == num_frames:
+        return np.ascontiguousarray(clip)
+    idx = np.linspace(0, clip.shape[0] - 1, num_frames).round().astype(np.int64)
+    return np.ascontiguousarray(clip[idx])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; a CUDA device without CUDA is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"cloud.device is {name!r} but torch sees no CUDA device; set cloud.device: cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The configured dtype; half precision falls back to fp32 on the CPU (with a log line)."""
+    if device.type == "cpu" and name != "fp32":
+        log.info("cloud_dtype_fallback", requested=name, used="fp32", device="cpu")
+        return torch.float32
+    return DTYPES[name]
+
+
+def _quantization(cfg: CloudSettings, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    if cfg.quantization == "none":
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"cloud.quantization={cfg.quantization} needs the bitsandbytes package, which is not installed "
+            "(pip install bitsandbytes), or set cloud.quantization: none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    bits = {"4bit": {"load_in_4bit": True, "bnb_4bit_compute_dtype": dtype}, "8bit": {"load_in_8bit": True}}
+    return {"quantization_config": BitsAndBytesConfig(**bits[cfg.quantization]), "device_map": {"": str(device)}}
