@@ -258,10 +258,13 @@ class Scene:
     boxes: tuple[tuple[int, tuple[float, float, float, float]], ...]  # (class, pixel box)
 
 
-def make_scene(rng: np.random.Generator, size: int) -> Scene:
-    """One still: one person (sometimes a second one standing) in a random room."""
+def make_scene(rng: np.random.Generator, size: int, fall: bool | None = None) -> Scene:
+    """One still: one person (sometimes a second one standing) in a random room; ``fall`` says
+    whether the main person lies on the floor (None: a coin flip)."""
     room = make_room(rng, size, size)
-    pose = [Pose.LYING, Pose.LYING, Pose.STANDING, Pose.SITTING][int(rng.integers(4))]
+    if fall is None:
+        fall = bool(rng.random() < 0.5)
+    pose = Pose.LYING if fall else [Pose.STANDING, Pose.SITTING][int(rng.integers(2))]
     people = [make_person(rng, room, pose_joints(pose, rng), pose is Pose.LYING)]
     if rng.random() < 0.2:
         people.append(make_person(rng, room, pose_joints(Pose.STANDING, rng), False))
@@ -317,11 +320,11 @@ def write_images(cfg: SynthConfig, out: Path, tick: Callable[[], None] = lambda:
         (out / split / "labels").mkdir(parents=True, exist_ok=True)
         copies = cfg.train_copies if split == "train" else 1
         counts[split] = falls[split] = 0
-        for _ in range(n_sources):
+        for j in range(n_sources):
             number += 1
             source = f"synth{number:04d}_jpg"
             rng = np.random.default_rng([cfg.seed, number])
-            scene = make_scene(rng, cfg.image_size)
+            scene = make_scene(rng, cfg.image_size, fall=j % 2 == 0)  # half of every split falls
             is_fall = any(cls == FALL_CLASS for cls, _ in scene.boxes)
             for c in range(copies):
                 image = augment_in_boxes(scene.image, scene.boxes, rng) if split == "train" else scene.image
