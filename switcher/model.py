@@ -28,6 +28,7 @@ from switcher.records import atomic_write_bytes, read_versioned_json
 
 FORMAT = "fallwatch-switcher/1"
 WEIGHTS, CARD = "model.safetensors", "switcher.json"
+REQUIRED = ("config", "edge_model_id", "questions", "feature_dim", "standardise")
 
 
 @dataclass
@@ -102,7 +103,11 @@ def write_card(out: Path, card: Mapping[str, Any]) -> None:
 
 def read_card(path: Path) -> dict[str, Any]:
     missing = f"{path}: not a switcher checkpoint (no {CARD}); train one with `fallwatch switcher train`"
-    return read_versioned_json(Path(path) / CARD, FORMAT, SwitcherError, missing)
+    card = read_versioned_json(Path(path) / CARD, FORMAT, SwitcherError, missing)
+    absent = [k for k in REQUIRED if k not in card]
+    if absent:
+        raise SwitcherError(f"{Path(path) / CARD}: missing {absent}")
+    return card
 
 
 def _load_weights(path: Path) -> dict[str, np.ndarray]:

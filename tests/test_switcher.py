@@ -92,6 +92,25 @@ def test_load_rejects_another_edge_model_or_questions(checkpoint) -> None:
         Switcher.load(root / "nowhere")
 
 
+def test_broken_checkpoints_are_named(checkpoint, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint[0] / "ckpt", broken)
+    card = json.loads((broken / "switcher.json").read_text())
+    del card["standardise"]
+    (broken / "switcher.json").write_text(json.dumps(card))
+    with pytest.raises(SwitcherError, match="standardise"):
+        Switcher.load(broken)
+    (broken / "switcher.json").write_text("{not json")
+    with pytest.raises(SwitcherError, match="not valid JSON"):
+        Switcher.load(broken)
+    shutil.copy(checkpoint[0] / "ckpt" / "switcher.json", broken / "switcher.json")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SwitcherError, match="model.safetensors"):
+        Switcher.load(broken)
+
+
 def test_training_is_seeded(checkpoint, tmp_path: Path) -> None:
     root, train, val, cfg, result = checkpoint
     again = train_switcher(train, val, tmp_path / "again", cfg)
