@@ -68,7 +68,7 @@ def replay_cmd(
     """Replay a labelled dataset or labelled videos onto the frames stream, ground truth attached."""
     from fallwatch.datasets import DatasetError  # noqa: PLC0415
     from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
-    from ingest.replay import dataset_source, run_replay, video_source  # noqa: PLC0415
+    from ingest.replay import CAMERA_ID, dataset_source, run_replay, video_source  # noqa: PLC0415
     from ingest.sources import SourceError  # noqa: PLC0415
 
     actx = app_context(ctx)
@@ -84,6 +84,9 @@ def replay_cmd(
     except (DatasetError, SourceError) as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
+    if not CAMERA_ID.fullmatch(camera_id):
+        typer.secho(f"--camera-id {camera_id!r}: use 1-64 of A-Z a-z 0-9 _ -", fg="red", err=True)
+        raise typer.Exit(2)
     stop = _stop_on_signals()
     try:
         with RedisHandle(settings.redis) as handle:

@@ -33,7 +33,7 @@ class Backoff:
 
 
 def run_pipeline(name: str, producer: Producer, buffer: FrameBuffer, publisher: Publisher,
-                 stop: threading.Event, limit: int | None = None, poll_s: float = 0.1) -> None:
+                 stop: threading.Event, limit: int | None = None, poll_s: float = 0.5) -> None:
     """Run ``producer(buffer, halt)`` in its own thread and publish what it buffers, in this thread.
 
     Returns when ``stop`` is set, ``limit`` items were published, or the producer finished and

@@ -7,6 +7,7 @@ frames nobody has read. Motion gating is off (every labelled frame counts).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,8 @@ from ingest.sources import ImageListSource, RawFrame, StopFlag, VideoListSource,
 from ingest.status import StatusReporter
 
 log = structlog.get_logger(__name__)
+
+CAMERA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as CameraSettings.id: frame ids are camera:seq
 
 
 class ReplaySource(Protocol):
@@ -68,6 +71,8 @@ def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, ke
                stop: threading.Event, fps: float | None = None, loop: bool = False,
                camera_id: str = "replay", limit: int | None = None, speed: float = 1.0) -> ReplayResult:
     """Publish ``source`` as camera ``camera_id`` at ``fps`` (default ``ingest.fps``); ``speed`` 0 = no pacing."""
+    if not CAMERA_ID.fullmatch(camera_id):
+        raise ValueError(f"replay camera id {camera_id!r} must be 1-64 of A-Z a-z 0-9 _ -")
     ing = replay_ingest(settings, camera_id)
     fps = fps or ing.fps
     clips = ing.clip.enabled and not isinstance(source, ImageListSource)

@@ -128,14 +128,15 @@ class AvSource:
             container.close()
 
     def _decode(self, container, stream, sampler: FpsSampler, stop: StopFlag, segment: int) -> Iterator[RawFrame]:
-        codec, time_base = stream.codec_context, stream.time_base
+        codec = stream.codec_context
+        time_base = float(stream.time_base or 0)  # a float: Fraction arithmetic per packet is slow
         started = last_frame = time.monotonic()
         self.decoded = 0
         for packet in container.demux(stream):
             if stop.is_set():
                 return
             if packet.pts is not None and time_base:
-                codec.skip_frame = "NONE" if sampler.wants(float(packet.pts * time_base)) else "NONREF"
+                codec.skip_frame = "NONE" if sampler.wants(packet.pts * time_base) else "NONREF"
             for frame in codec.decode(packet):
                 self.decoded += 1
                 last_frame = time.monotonic()

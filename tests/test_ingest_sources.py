@@ -319,3 +319,36 @@ def test_capture_loop_reconnects_with_one_status_per_change(settings, keys, r):
     recs = list(iter(lambda: buf.get(0), None))
     assert [r.segment for r in recs[:6]] == [0, 0, 0, 2, 2, 2]  # a new segment after every reconnect
     assert [r.seq for r in recs[:6]] == list(range(6))
+
+
+def test_cli_ingest_runs_cameras_and_stops_cleanly_on_sigterm(settings, keys, r, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    clip = write_mp4(tmp_path / "cam.mp4", 90, fps=18)
+    config = tmp_path / "fallwatch.yaml"
+    config.write_text(
+        "cameras:\n"
+        f"  - {{id: lobby, url: '{clip}', fps: 4}}\n"
+        f"  - {{id: spare, url: '{clip}', enabled: false}}\n"
+    )
+    env = {**os.environ, "FALLWATCH_REDIS__URL": settings.redis.url.get_secret_value(),
+           "FALLWATCH_LOGGING__FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "fallwatch", "--config", str(config), "ingest"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while r.xlen(keys.frames_stream()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    cams = {m.camera_id for m, _ in frames_on_stream(r, keys)}
+    assert cams == {"lobby"}  # the disabled camera is not ingested
+    last = statuses(r, keys)[-1]
+    assert (last.camera_id, last.state, last.reason) == ("lobby", CameraState.OFFLINE, "ingest stopped")
+    assert '"event": "camera_online"' in err
