@@ -352,3 +352,31 @@ def test_cli_ingest_runs_cameras_and_stops_cleanly_on_sigterm(settings, keys, r,
     last = statuses(r, keys)[-1]
     assert (last.camera_id, last.state, last.reason) == ("lobby", CameraState.OFFLINE, "ingest stopped")
     assert '"event": "camera_online"' in err
+
+
+def test_http_source_streams_a_video_over_http(tmp_path):
+    import functools
+    import http.server
+
+    write_mp4(tmp_path / "a.mp4", 36, fps=18)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        src = AvSource(f"http://127.0.0.1:{server.server_address[1]}/a.mp4", read_timeout_s=5)
+        got = []
+        with pytest.raises(SourceError, match="ended the stream"):  # a network source that ends is an outage
+            for frame in src.frames(FpsSampler(2), threading.Event()):
+                got.append(read_index(frame.rgb))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got == [0, 9, 18, 27] and src.live
+
+
+def test_bad_webcam_url_is_an_offline_camera(settings, keys, r):
+    cfg = with_camera(settings, "webcam:front")
+    run_camera(cfg, cfg.cameras[0], r, keys, threading.Event())
+    st = statuses(r, keys)
+    assert [s.state for s in st] == [CameraState.OFFLINE]
+    assert "webcam URL must be webcam:N" in st[0].reason
