@@ -186,3 +186,28 @@ def test_full_size_vilt_b32_has_1536_features_and_145_image_tokens(tiny_root: Pa
         out = vilt.vilt(input_ids=q.input_ids, attention_mask=q.attention_mask, token_type_ids=q.token_type_ids,
                         **model.preprocess([image]))
     assert out.last_hidden_state.shape[1] == 40 + 145
+
+
+def test_concurrent_builds_leave_one_complete_directory(tmp_path: Path) -> None:
+    import threading
+
+    from edge_worker.hub import build_atomically
+
+    builds: list[int] = []
+
+    def build(d: Path) -> None:
+        (d / "weights.bin").write_bytes(b"x" * 1000)
+        builds.append(1)
+        time.sleep(0.05)  # every builder is mid-way while the others start
+
+    recipe = {"model": "demo", "version": 1, "seed": 0}
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(build_atomically(tmp_path / "demo", recipe, build)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [tmp_path / "demo"] * 4 and len(builds) >= 1
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fallwatch_tiny.json", "weights.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
