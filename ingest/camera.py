@@ -56,7 +56,7 @@ def run_camera(settings: Settings, cam: CameraSettings, client: redis.Redis, key
 
     log.info("camera_starting", camera=cam.id, source=source.name, fps=ing.fps, clip=ing.clip.enabled)
     run_pipeline(f"ingest-{cam.id}", capture, buffer, publisher, stop)
-    status.offline("ingest stopped")
+    status.offline("ingest stopped", expected=True)
 
 
 def capture_loop(source: FrameSource, camera_id: str, ing: IngestSettings, buffer: FrameBuffer,

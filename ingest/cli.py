@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from fallwatch.context import app_context
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM (clean shutdown of every loop)."""
-    stop = threading.Event()
-
-    def handler(*_: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+from fallwatch.runtime import stop_on_signals
 
 
 def ingest_cmd(
@@ -42,7 +29,7 @@ def ingest_cmd(
     if not cameras:
         typer.secho("no enabled cameras in settings (cameras: [...] in the config file)", fg="red", err=True)
         raise typer.Exit(2)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     try:
         with RedisHandle(settings.redis) as handle:
             check(handle.client, settings.redis.min_server_version)
@@ -87,7 +74,7 @@ def replay_cmd(
     if not CAMERA_ID.fullmatch(camera_id):
         typer.secho(f"--camera-id {camera_id!r}: use 1-64 of A-Z a-z 0-9 _ -", fg="red", err=True)
         raise typer.Exit(2)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     try:
         with RedisHandle(settings.redis) as handle:
             check(handle.client, settings.redis.min_server_version)

@@ -90,7 +90,7 @@ def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, ke
     status.online(fps)
     log.info("replay_started", camera=camera_id, source=source.name, fps=fps, loop=loop, limit=limit)
     run_pipeline(f"replay-{camera_id}", produce, buffer, publisher, stop, limit=limit)
-    status.offline("replay finished")
+    status.offline("replay finished", expected=True)
     result = ReplayResult(camera_id, publisher.stats.items, publisher.stats.frames, time.monotonic() - started)
     log.info("replay_finished", camera=camera_id, items=result.items, frames=result.frames,
              seconds=round(result.seconds, 3))

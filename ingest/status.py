@@ -31,17 +31,19 @@ class StatusReporter:
         if self.state is not CameraState.ONLINE:
             self._emit(CameraState.ONLINE, "", fps)
 
-    def offline(self, reason: str) -> None:
+    def offline(self, reason: str, expected: bool = False) -> None:
+        """Go offline; ``expected`` (a clean stop, a finished replay) logs at info, not warning."""
         if self.state is not CameraState.OFFLINE:
-            self._emit(CameraState.OFFLINE, reason, None)
+            self._emit(CameraState.OFFLINE, reason, None, expected)
 
-    def _emit(self, state: CameraState, reason: str, fps: float | None) -> None:
+    def _emit(self, state: CameraState, reason: str, fps: float | None, expected: bool = False) -> None:
         msg = CameraStatus(camera_id=self.camera_id, state=state, reason=reason[:1000], fps=fps)
         info = {
             "state": state.value, "reason": msg.reason, "changed_at": msg.at, "name": self.name,
-            "source": self.source, "fps": "" if fps is None else fps,
-            "sample_fps": "" if self.sample_fps is None else self.sample_fps,
+            "source": self.source, "sample_fps": "" if self.sample_fps is None else self.sample_fps,
         }
+        if fps is not None:  # offline keeps the last known input fps
+            info["fps"] = fps
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.xadd(self.keys.camera_status_stream(), encode(msg), maxlen=STATUS_STREAM_MAXLEN, approximate=True)
@@ -53,6 +55,8 @@ class StatusReporter:
         self.state, self.reason = state, msg.reason
         if state is CameraState.ONLINE:
             log.info("camera_online", camera=self.camera_id, source=self.source, fps=fps)
+        elif expected:
+            log.info("camera_offline", camera=self.camera_id, source=self.source, reason=msg.reason)
         else:
             log.warning("camera_offline", camera=self.camera_id, source=self.source, reason=msg.reason)
 

@@ -108,6 +108,7 @@ def test_file_camera_publishes_sampled_frames_in_real_time(settings, keys, r, tm
     info = read_info(r, keys, "cam1")
     assert info["state"] == "offline" and info["last_frame_id"] == msgs[-1].frame_id
     assert abs(float(info["last_frame_at"]) - msgs[-1].captured_at) < 1e-3
+    assert float(info["fps"]) == 18 and float(info["sample_fps"]) == 4 and info["name"] == "cam1"
     assert counter(r, keys, "cam1", "items") == len(frames)
 
 
