@@ -167,8 +167,8 @@ def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transit
 
 
 def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
-    """Offline starts a camera_offline event, online ends it; repeats change nothing."""
-    if status.state is CameraState.OFFLINE and state.offline_event is None:
+    """Offline starts a camera_offline event, online ends it; repeats and planned stops change nothing."""
+    if status.state is CameraState.OFFLINE and state.offline_event is None and not status.expected:
         step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
                     description=status.reason or None)
         return state.model_copy(update={"offline_event": step.event_id}), [step]

@@ -173,6 +173,37 @@ def up(
         raise typer.Exit(1) from None
 
 
+@app.command("demo")
+def demo(
+    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the summary JSON here.")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes data, models and Redis files.")] = Path(".fallwatch/demo"),
+    edge: Annotated[str, typer.Option(help="Edge model: hub id, local path or 'tiny'.")] = "tiny",
+    cloud: Annotated[str, typer.Option(help="Cloud model: hub id, local path or 'tiny'.")] = "tiny",
+    cloud_device: Annotated[str, typer.Option(help="Device of the cloud model (cuda for the real one).")] = "cpu",
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset with train/valid splits (default: synthetic).")] = None,
+    clips: Annotated[Optional[Path], typer.Option(help="Labelled clips to stream (default: synthetic).")] = None,
+    timeout_s: Annotated[float, typer.Option(min=10, help="Give up waiting for final verdicts after this.")] = 150.0,
+) -> None:
+    """Run the whole system end to end on synthetic data and tiny models (or yours), then summarise."""
+    from fallwatch.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(workdir=workdir, edge=edge, cloud=cloud, cloud_device=cloud_device, dataset=dataset,
+                     clips=clips, timeout_s=timeout_s)
+    try:
+        summary = run_demo(cfg)
+    except RuntimeError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    text = json.dumps(summary, indent=2)
+    typer.echo(text)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+    if summary["lost"] != 0 or summary["frames_ingested"] == 0:
+        typer.secho(f"demo lost {summary['lost']} of {summary['frames_ingested']} frames", fg="red", err=True)
+        raise typer.Exit(1)
+
+
 def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool) -> list[RoleSpec]:
     specs = []
     if ingest and any(c.enabled for c in settings.cameras):
@@ -182,6 +213,49 @@ def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool) -> list[R
         specs.append(RoleSpec("cloud", ("cloud",)))
     specs.append(RoleSpec("alerts", ("alerts",)))
     return specs
+
+
+@app.command("status")
+def status_cmd(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON snapshot and exit.")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Print the tables once instead of refreshing.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, max=3600, help="Refresh period in seconds.")] = 2.0,
+    events: Annotated[int, typer.Option(min=0, max=1000, help="Recent alert events to show.")] = 10,
+) -> None:
+    """Cameras, streams (length, lag, pending), cloud queue, live workers, recent events, offload rate."""
+    from fallwatch.status import gather, render  # noqa: PLC0415 - keeps `fallwatch --help` fast
+
+    settings = app_context(ctx).settings
+    try:
+        with RedisHandle(settings.redis) as handle:
+            check(handle.client, settings.redis.min_server_version)
+            if as_json or once:
+                snap = gather(handle.client, settings, events)
+                if as_json:
+                    typer.echo(snap.model_dump_json(indent=2))
+                else:
+                    _print_rich(render(snap))
+                return
+            _live_status(lambda: render(gather(handle.client, settings, events)), interval)
+    except RedisUnavailable as exc:
+        typer.secho(f"redis: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_rich(renderable: object) -> None:
+    from rich.console import Console  # noqa: PLC0415
+
+    Console().print(renderable)
+
+
+def _live_status(build, interval: float) -> None:
+    from rich.live import Live  # noqa: PLC0415
+
+    stop = stop_on_signals()
+    with Live(build(), refresh_per_second=4, screen=False) as live:
+        while not stop.wait(interval):
+            live.update(build())
 
 
 def _load_plugins() -> None:

@@ -180,6 +180,7 @@ class CameraStatus(Message):
     camera_id: str = Field(..., min_length=1, max_length=64)
     state: CameraState
     reason: str = Field("", max_length=1000)
+    expected: bool = Field(False, description="A planned stop (finished replay, shutdown): no alert.")
     at: float = Field(default_factory=now)
     fps: float | None = Field(None, ge=0)
 

@@ -37,7 +37,7 @@ class StatusReporter:
             self._emit(CameraState.OFFLINE, reason, None, expected)
 
     def _emit(self, state: CameraState, reason: str, fps: float | None, expected: bool = False) -> None:
-        msg = CameraStatus(camera_id=self.camera_id, state=state, reason=reason[:1000], fps=fps)
+        msg = CameraStatus(camera_id=self.camera_id, state=state, reason=reason[:1000], fps=fps, expected=expected)
         info = {
             "state": state.value, "reason": msg.reason, "changed_at": msg.at, "name": self.name,
             "source": self.source, "sample_fps": "" if self.sample_fps is None else self.sample_fps,

@@ -215,3 +215,14 @@ def test_history_is_bounded_in_time_and_count() -> None:
     for i in range(600):
         state, _ = on_final(state, final(i, T0 + i * 0.01, False), cfg)
     assert len(state.history) == 256 and state.history[0].frame_id == "cam1:344"
+
+
+def test_a_planned_stop_raises_no_offline_alert() -> None:
+    from alerts.events import CameraAlertState, on_status
+    from fallwatch.schemas import CameraState, CameraStatus
+
+    state = CameraAlertState()
+    planned = CameraStatus(camera_id="c", state=CameraState.OFFLINE, reason="replay finished", expected=True)
+    assert on_status(state, planned)[1] == []
+    failed = CameraStatus(camera_id="c", state=CameraState.OFFLINE, reason="read timeout")
+    assert [s.kind.value for s in on_status(state, failed)[1]] == ["camera_offline"]
