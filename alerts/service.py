@@ -12,8 +12,6 @@ verdict and applying it to the camera leaves the final-stream entry pending, to 
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -29,16 +27,13 @@ from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, r
                             trim_consumed)
 from fallwatch.keys import Keys
 from fallwatch.logging import redact_text
+from fallwatch.runtime import worker_name
 from fallwatch.schemas import AlertEvent, CameraStatus, CloudVerdict, EdgeVerdict, FinalVerdict, SchemaError, decode
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 ROLE = "alerts"
-
-
-def default_name(role: str = ROLE) -> str:
-    return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class AlertsService:
                  clock: Callable[[], float] = time.time, batch: int = 100, block_ms: int = 500,
                  claim_idle_ms: int | None = None, claim_every_s: float = 15.0):
         self.settings, self.client, self.keys = settings, client, keys
-        self.name = name or default_name()
+        self.name = name or worker_name(ROLE)
         self.clock, self.batch, self.block_ms = clock, batch, block_ms
         self.claim_idle_ms = claim_idle_ms if claim_idle_ms is not None else settings.edge.claim_idle_ms
         self.claim_every_s = claim_every_s
