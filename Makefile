@@ -20,5 +20,9 @@ test-deps:
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not fault and not rtsp"
 
+# The end-to-end demo: synthetic data, tiny models, DMD, the live pipeline on an embedded Redis.
+demo: install
+	$(VENV)/bin/fallwatch demo --json-out .fallwatch/demo/summary.json
+
 clean:
 	rm -rf $(VENV) .fallwatch .pytest_cache
