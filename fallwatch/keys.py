@@ -115,6 +115,10 @@ class Keys:
     def heartbeat_pattern(self, role: str = "*") -> str:
         return self._k("heartbeat", role, "*")
 
+    def metrics_endpoint(self, role: str, name: str) -> str:
+        """Where a worker serves Prometheus metrics ("host:port"), with a TTL like its heartbeat."""
+        return self._k("metrics", role, name)
+
     def counter(self, name: str) -> str:
         """A plain counter (e.g. frames dropped by MAXLEN)."""
         return self._k("count", name)
