@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install docker-compose (Debian/Ubuntu), used by tests/test_compose.py to validate the compose
+# files offline with `docker-compose config -q`. No Docker engine is needed for that.
+# Idempotent and quiet: does nothing when docker-compose is already on PATH.
+set -euo pipefail
+if command -v docker-compose >/dev/null 2>&1; then
+  echo "docker-compose already installed ($(docker-compose version --short 2>/dev/null || echo unknown))"
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+# Refresh the package lists only when they are missing or the package cannot be found.
+if ! apt-cache show docker-compose >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+fi
+$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+echo "installed: docker-compose $(docker-compose version --short 2>/dev/null || echo)"
