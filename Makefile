@@ -13,9 +13,9 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 test: install test-deps
 	$(PY) -m pytest -q
 
-# System packages some tests need (GStreamer's RTSP server); idempotent.
+# System packages some tests need (GStreamer's RTSP server, docker-compose); idempotent.
 test-deps:
-	./scripts/install-rtsp.sh
+	./scripts/install-test-deps.sh
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not fault and not rtsp"

@@ -132,5 +132,6 @@ def child_env(redis_url: str, base: Mapping[str, str] | None = None) -> dict[str
     """The environment of role processes: the parent's, pointed at the supervisor's Redis."""
     env = dict(os.environ if base is None else base)
     env["FALLWATCH_REDIS__URL"] = redis_url
+    env["FALLWATCH_METRICS__PORT"] = "0"  # several roles on one host: each takes a free port
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install docker-compose (Debian/Ubuntu), used by tests/test_compose.py to validate the compose
-# files offline with `docker-compose config -q`. No Docker engine is needed for that.
-# Idempotent and quiet: does nothing when docker-compose is already on PATH.
+# System packages the tests need (Debian/Ubuntu): GStreamer's RTSP server (scripts/install-rtsp.sh)
+# and docker-compose, used by tests/test_compose.py to validate the compose files offline with
+# `docker-compose config -q` (no Docker engine is needed for that).
+# Idempotent and quiet: does nothing when everything is already installed.
 set -euo pipefail
+"$(dirname "$0")/install-rtsp.sh"
 if command -v docker-compose >/dev/null 2>&1; then
   echo "docker-compose already installed ($(docker-compose version --short 2>/dev/null || echo unknown))"
   exit 0
