@@ -46,13 +46,14 @@ def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, f
 def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
     from alerts.notify import Notifier  # noqa: PLC0415 - keeps `fallwatch --help` fast
     from alerts.service import ROLE, AlertsService  # noqa: PLC0415
-    from fallwatch.runtime import worker_name  # noqa: PLC0415
+    from fallwatch.metrics import start_role  # noqa: PLC0415
     from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
-    from fallwatch.runtime import stop_on_signals  # noqa: PLC0415
+    from fallwatch.runtime import stop_on_signals, worker_name  # noqa: PLC0415
 
     actx = app_context(ctx)
     settings, keys = actx.settings, actx.keys
     name = name or worker_name(ROLE)
+    start_role(settings.metrics, ROLE, name)
     stop = stop_on_signals()
     failed: list[str] = []
     try:

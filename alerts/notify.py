@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from alerts.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
 from fallwatch.keys import Keys
+from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
 from fallwatch.schemas import AlertEvent, Decider, EventKind, SchemaError, now
 from fallwatch.settings import NotificationSettings, Settings
@@ -272,8 +273,9 @@ class Notifier:
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str,
                  channels: dict[str, NotificationChannel] | None = None, batch: int = 50,
-                 block_ms: int = 500):
+                 block_ms: int = 500, metrics: AlertsMetrics | None = None):
         self.settings, self.client, self.keys, self.name = settings, client, keys, name
+        self.metrics = metrics or AlertsMetrics.create()
         self.cfg = settings.notifications
         self.channels = channels if channels is not None else build_channels(settings)
         self.batch, self.block_ms = batch, block_ms
@@ -347,6 +349,8 @@ class Notifier:
             self._finish(entry)
             return "skipped"
         status = self._send(channel, note)
+        if status is not DeliveryStatus.SUPPRESSED:
+            self.metrics.notification(note.channel, status is DeliveryStatus.DELIVERED)
         if status is DeliveryStatus.FAILED:
             attempts = self._attempts(entry)
             log.warning("notification_failed", channel=note.channel, event_id=note.event_id, attempt=attempts,

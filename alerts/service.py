@@ -27,7 +27,8 @@ from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, r
                             trim_consumed)
 from fallwatch.keys import Keys
 from fallwatch.logging import redact_text
-from fallwatch.runtime import worker_name
+from fallwatch.metrics import AlertsMetrics
+from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import AlertEvent, CameraStatus, CloudVerdict, EdgeVerdict, FinalVerdict, SchemaError, decode
 from fallwatch.settings import Settings
 
@@ -60,9 +61,12 @@ class AlertsService:
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str | None = None,
                  clock: Callable[[], float] = time.time, batch: int = 100, block_ms: int = 500,
-                 claim_idle_ms: int | None = None, claim_every_s: float = 15.0):
+                 claim_idle_ms: int | None = None, claim_every_s: float = 15.0,
+                 metrics: AlertsMetrics | None = None):
         self.settings, self.client, self.keys = settings, client, keys
         self.name = name or worker_name(ROLE)
+        self.metrics = metrics or AlertsMetrics.create()
+        self.beat = Heartbeat(client, keys, ROLE, self.name, settings.metrics)
         self.clock, self.batch, self.block_ms = clock, batch, block_ms
         self.claim_idle_ms = claim_idle_ms if claim_idle_ms is not None else settings.edge.claim_idle_ms
         self.claim_every_s = claim_every_s
@@ -99,6 +103,8 @@ class AlertsService:
         for entry in read_group(self.client, self.group, self.name, [self.finals], self.batch):
             self._dispatch(entry, tally, events)
         events += self.store.tick()
+        for ev in events:
+            self.metrics.event(ev.kind.value, ev.type.value)
         return StepReport(events=tuple(events), **tally)
 
     def _claim_due(self) -> bool:
@@ -158,6 +164,8 @@ class AlertsService:
     def _count_merge(self, result: MergeResult, tally: Counter[str], timeout: bool = False) -> None:
         if result.outcome is Outcome.FINAL:
             tally["finals"] += 1
+            if result.final is not None:
+                self.metrics.final(result.final.decided_by.value, result.final.latency_ms / 1000)
             tally["timeouts"] += int(timeout)
         elif result.outcome is Outcome.DUPLICATE:
             tally["duplicates"] += 1
@@ -167,14 +175,14 @@ class AlertsService:
             tally["dead_letters"] += 1
 
     def _dead(self, entry: Entry, group: str, reason: str, error: str, tally: Counter[str]) -> None:
+        self.metrics.dead_letter(reason)
         dead_letter(self.client, self.keys.dead_letter_stream(), entry, reason, error, self.name)
         ack(self.client, group, entry)
         tally["dead_letters"] += 1
 
     # --- loop ------------------------------------------------------------------------------------
     def heartbeat(self) -> None:
-        ttl = max(1, int(3 * self.settings.metrics.heartbeat_s))
-        self.client.set(self.keys.heartbeat(ROLE, self.name), repr(time.time()), ex=ttl)
+        self.beat.beat(force=True)
 
     def run(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set; Redis outages are waited out with capped backoff."""

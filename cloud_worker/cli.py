@@ -18,6 +18,7 @@ def cloud(
     from cloud_worker.model import CloudModel
     from cloud_worker.worker import build_worker, run
     from edge_worker.hub import ModelNotAvailable
+    from fallwatch.metrics import CloudMetrics, start_role
     from fallwatch.redis import RedisHandle
     from fallwatch.runtime import stop_on_signals, worker_name
 
@@ -28,9 +29,12 @@ def cloud(
     except ModelNotAvailable as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
+    name = name or worker_name("cloud")
+    start_role(settings.metrics, "cloud", name)
+    CloudMetrics.create().watch_gpus()
     stop = stop_on_signals()
     with RedisHandle(settings.redis) as handle:
-        worker = build_worker(settings, handle.client, app_ctx.keys, model, name or worker_name("cloud"))
+        worker = build_worker(settings, handle.client, app_ctx.keys, model, name)
         run(worker, stop, burst=burst, retry_cap_s=settings.redis.retry_cap_s)
 
 

@@ -8,7 +8,7 @@ The model stays resident: :class:`CloudRuntime` is installed once per process by
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
+from fallwatch.metrics import CloudMetrics
 from fallwatch.schemas import CloudVerdict, DeadLetter, ItemKind, OffloadRequest, encode
 from fallwatch.settings import Settings
 
@@ -31,6 +32,7 @@ class CloudRuntime:
     keys: Keys
     model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
     name: str
+    metrics: CloudMetrics = field(default_factory=CloudMetrics.create)
 
 
 _runtime: CloudRuntime | None = None
@@ -67,8 +69,13 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
         return {"scored": 0, "dead_lettered": 1}
     items, ready, missing = _load_items(rt, reqs)
     verdicts = [_failure(r, rt.name, reason) for r, reason in missing]
+    started = time.perf_counter()
     if ready:
         verdicts += _score(rt, ready, items)
+    rt.metrics.observe_batch(len(reqs), time.perf_counter() - started, failed=len(missing))
+    late = sum(v.decided_at > r.deadline for v, r in zip(verdicts[len(missing):], ready))
+    if late:
+        rt.metrics.deadline_missed(late)
     pipe = rt.client.pipeline(transaction=False)
     for v in verdicts:
         pipe.xadd(rt.keys.verdicts_stream(), encode(v))
@@ -137,5 +144,6 @@ def on_offload_failure(job: Any, connection: redis.Redis, exc_type: type, exc_va
     for r in reqs:
         pipe.xadd(rt.keys.verdicts_stream(), encode(_failure(r, rt.name, f"{exc_type.__name__}: {exc_value}")))
     pipe.execute()
+    rt.metrics.observe_batch(len(reqs), 0.0, failed=len(reqs))
     log.error("cloud_job_failed", job=job.id, frames=len(reqs), error=str(exc_value), at=time.time())
 

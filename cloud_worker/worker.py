@@ -3,41 +3,64 @@
 It runs RQ's own job machinery (timeouts, retries, failure callbacks, registries, maintenance of
 jobs abandoned by dead workers) in a loop that also stops on a :class:`threading.Event`, so a
 supervisor can run it in a thread, and that survives Redis outages instead of quitting.
+
+A dequeued job runs only if its data is JSON and it names fallwatch's job function and callbacks;
+anything else (a pickled payload, garbage, another function) is dead-lettered and failed without
+being run, so a write to the queue cannot make a worker unpickle or call arbitrary code.
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from enum import StrEnum
 from typing import Any
 
 import redis
 import structlog
 from rq import Queue, SimpleWorker
+from rq.exceptions import DeserializationError, StopRequested
+from rq.job import Job
+from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from cloud_worker.jobs import CloudRuntime, install
+from cloud_worker.jobs import CloudRuntime, _dead_letter, install, on_offload_failure, runtime, score_offloads
+from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
+from fallwatch.runtime import Heartbeat
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
+def _dotted(func: Any) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+# The only function and callback a cloud worker runs (the edge enqueues them by these names).
+ALLOWED_JOBS = frozenset({_dotted(score_offloads)})
+ALLOWED_CALLBACKS = frozenset({_dotted(on_offload_failure)})
+
+
 class CloudWorker(SimpleWorker):
     """SimpleWorker that also keeps a fallwatch heartbeat key and never touches signals off the main thread."""
 
-    fallwatch_keys: Keys
-    heartbeat_s: float = 5.0
+    fallwatch_beat: Heartbeat
+    stop_event: threading.Event | None = None
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        super().heartbeat(timeout, pipeline)
-        conn = pipeline if pipeline is not None else self.connection
-        conn.set(self.fallwatch_keys.heartbeat("cloud", self.name), str(time.time()), ex=max(1, int(self.heartbeat_s * 3)))
+        try:
+            super().heartbeat(timeout, pipeline)
+            self.fallwatch_beat.beat()
+        except (redis.ConnectionError, redis.TimeoutError):
+            # RQ's dequeue loop retries Redis errors forever: leave it when asked to stop
+            if self.stop_event is not None and self.stop_event.is_set():
+                raise StopRequested() from None
+            raise
 
 
 def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
@@ -45,9 +68,73 @@ def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
     queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
     worker = CloudWorker([queue], connection=client, serializer=JSONSerializer, name=name)
-    worker.fallwatch_keys = keys
-    worker.heartbeat_s = settings.metrics.heartbeat_s
+    worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
+    worker.max_connection_wait_time = settings.redis.retry_cap_s  # RQ's own reconnect backoff (60 s by default)
     return worker
+
+
+def job_problem(job: Job) -> str | None:
+    """Why a dequeued job must not run, or None. Its data is only ever read as JSON."""
+    try:
+        func = job.func_name
+    except DeserializationError:
+        return "job data is not JSON (pickled or corrupt payloads are never run)"
+    if func not in ALLOWED_JOBS:
+        return f"job function {str(func)[:200]!r} is not a fallwatch cloud job"
+    names = (getattr(job, f"_{kind}_callback_name", None) for kind in ("success", "failure", "stopped"))
+    foreign = sorted({n for n in names if n} - ALLOWED_CALLBACKS)
+    if foreign:
+        return f"job callbacks {[n[:200] for n in foreign]} are not fallwatch's"
+    return None
+
+
+def reject_job(worker: CloudWorker, job_id: str, queue: Queue, problem: str, job: Job | None = None) -> None:
+    """Dead-letter a job that must not run; fail it without running it or any of its callbacks."""
+    _dead_letter(runtime(), PoisonInput("bad_job", problem), job_id)
+    with worker.connection.pipeline() as pipe:
+        pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+        if job is not None:
+            record_job_failure(job, f"rejected by {worker.name}: {problem}", pipe)
+        pipe.execute()
+
+
+class Outcome(StrEnum):
+    RAN = "ran"
+    REJECTED = "rejected"
+    IDLE = "idle"
+
+
+def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
+    """The next job that may run, or IDLE (queue empty) or REJECTED (a job was refused)."""
+    try:
+        result = worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=1)
+    except (redis.RedisError, StopRequested):
+        raise
+    except Exception as exc:  # RQ could not even load the job hash: it tags the error with the job
+        job_id, queue = getattr(exc, "job_id", None), getattr(exc, "queue", None)
+        if job_id is None or queue is None:
+            raise
+        reject_job(worker, job_id, queue, f"job cannot be loaded: {type(exc).__name__}: {str(exc)[:500]}")
+        return Outcome.REJECTED
+    if result is None:
+        return Outcome.IDLE
+    problem = job_problem(result[0])
+    if problem is not None:
+        reject_job(worker, result[0].id, result[1], problem, result[0])
+        return Outcome.REJECTED
+    return result
+
+
+def work_one(worker: CloudWorker) -> Outcome:
+    """Maintenance when due, then dequeue and run (or reject) one job."""
+    if worker.should_run_maintenance_tasks:
+        worker.run_maintenance_tasks()
+    result = _next_job(worker)
+    if isinstance(result, Outcome):
+        return result
+    worker.execute_job(*result)
+    worker.heartbeat()
+    return Outcome.RAN
 
 
 def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_cap_s: float = 5.0) -> int:
@@ -58,26 +145,22 @@ def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_c
     worker.bootstrap(logging_level="WARNING")
     log.info("cloud_worker_started", worker=worker.name, queues=worker.queue_names())
     backoff = 0.1
+    worker.stop_event = stop
     try:
         while not stop.is_set():
             try:
-                if worker.should_run_maintenance_tasks:
-                    worker.run_maintenance_tasks()
-                result = worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=1)
+                outcome = work_one(worker)
                 backoff = 0.1
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis_unavailable", worker=worker.name, error=str(exc), retry_in_s=backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, retry_cap_s)
                 continue
-            if result is None:
-                if burst:
-                    break
-                continue
-            job, queue = result
-            worker.execute_job(job, queue)
-            worker.heartbeat()
-            done += 1
+            except StopRequested:
+                break
+            done += outcome is Outcome.RAN
+            if outcome is Outcome.IDLE and burst:
+                break
     finally:
         try:
             worker.teardown()

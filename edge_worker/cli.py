@@ -29,8 +29,9 @@ def edge(
     """Score frames from the frames stream; publish confident verdicts, offload the rest to the cloud queue."""
     from edge_worker.hub import ModelNotAvailable
     from edge_worker.worker import EdgeWorker
+    from fallwatch.metrics import start_role
     from fallwatch.redis import RedisHandle
-    from fallwatch.runtime import stop_on_signals
+    from fallwatch.runtime import stop_on_signals, worker_name
 
     app_ctx = app_context(ctx)
     settings = app_ctx.settings
@@ -39,6 +40,8 @@ def edge(
     except ModelNotAvailable as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
+    name = name or worker_name("edge")
+    start_role(settings.metrics, "edge", name)
     stop = stop_on_signals()
     with RedisHandle(settings.redis) as handle:
         EdgeWorker(settings, handle.client, app_ctx.keys, model, switcher, name=name).run(stop)

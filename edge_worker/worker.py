@@ -24,7 +24,8 @@ from rq.serializers import JSONSerializer
 from edge_worker.decode import DecodedFrame, decode_entry
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
-from fallwatch.runtime import worker_name
+from fallwatch.metrics import EdgeMetrics
+from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import DeadLetter, EdgeVerdict, OffloadRequest, encode, to_dict
 from fallwatch.settings import Settings
 
@@ -63,7 +64,8 @@ class EdgeWorker:
     """One consumer of the edge group. Drive it with :meth:`run` or, in tests, :meth:`step`."""
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, model: Scorer,
-                 switcher: AgreementModel | None = None, name: str | None = None):
+                 switcher: AgreementModel | None = None, name: str | None = None,
+                 metrics: EdgeMetrics | None = None):
         self.settings = settings
         self.cfg = settings.edge
         self.client = client
@@ -73,7 +75,8 @@ class EdgeWorker:
         self.name = name or worker_name("edge")
         self.queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
         self._last_claim = 0.0
-        self._last_beat = 0.0
+        self.metrics = metrics or EdgeMetrics.create()
+        self.beat = Heartbeat(client, keys, "edge", self.name, settings.metrics)
         self._thresholds = {c.id: c.agreement_threshold for c in settings.cameras if c.agreement_threshold is not None}
 
     # --- set-up ------------------------------------------------------------------------
@@ -104,11 +107,24 @@ class EdgeWorker:
         resp = self.client.xautoclaim(self.keys.frames_stream(), self.keys.edge_group(), self.name,
                                       min_idle_time=self.cfg.claim_idle_ms, start_id="0-0", count=self.cfg.batch_size)
         entries = resp[1]
-        deleted = resp[2] if len(resp) > 2 else []
+        deleted = list(resp[2]) if len(resp) > 2 else []
+        if any(fields is None for _eid, fields in entries):  # Redis < 7 claims trimmed entries as nil
+            deleted += self._trimmed_own_pending()
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
             self.client.incrby(self.keys.counter("frames_trimmed_pending"), len(deleted))
         return [(_s(eid), fields) for eid, fields in entries if fields]
+
+    def _trimmed_own_pending(self) -> list[bytes]:
+        """Ids pending for this consumer whose entries are gone. Redis 6.2's XAUTOCLAIM hands them over
+        without their ids; left pending, they would fill every later claim and hide live entries."""
+        stream = self.keys.frames_stream()
+        pending = self.client.xpending_range(stream, self.keys.edge_group(), "-", "+", 10 * self.cfg.batch_size,
+                                             consumername=self.name)
+        pipe = self.client.pipeline(transaction=False)
+        for p in pending:
+            pipe.xrange(stream, p["message_id"], p["message_id"])
+        return [p["message_id"] for p, found in zip(pending, pipe.execute()) if not found]
 
     # --- processing --------------------------------------------------------------------
     def step(self, block_ms: int | None = None) -> StepResult:
@@ -148,6 +164,7 @@ class EdgeWorker:
         letter = DeadLetter(source=self.keys.frames_stream(), entry_id=entry_id, reason=reason, error=error,
                             worker=self.name)
         self.client.xadd(self.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
+        self.metrics.dead_letter(reason)
         log.warning("frame_dead_lettered", entry_id=entry_id, reason=reason, error=error)
 
     def _score_and_publish(self, frames: list[DecodedFrame], result: StepResult) -> None:
@@ -162,6 +179,8 @@ class EdgeWorker:
         result.offloaded = len(offloads)
         result.confident = len(frames) - len(offloads)
         result.edge_ms = scores.wall_s * 1000
+        self.metrics.observe_batch(len(frames), scores.wall_s)
+        self.metrics.observe_decisions(result.confident, result.offloaded)
 
     def _verdict(self, frame: DecodedFrame, p_fall: float, agreement: float | None, edge_ms: float) -> EdgeVerdict:
         msg = frame.msg
@@ -215,11 +234,8 @@ class EdgeWorker:
 
     # --- liveness ----------------------------------------------------------------------
     def heartbeat(self, force: bool = False) -> None:
-        now = time.monotonic()
-        period = self.settings.metrics.heartbeat_s
-        if force or now - self._last_beat >= period:
-            self._last_beat = now
-            self.client.set(self.keys.heartbeat("edge", self.name), str(time.time()), ex=max(1, int(period * 3)))
+        if self.beat.beat(force):
+            self.metrics.set_queue_depth(self.queue.name, self.queue.count)
 
     def run(self, stop: threading.Event) -> None:
         """Process batches until ``stop`` is set. Redis outages are retried, never fatal."""
@@ -240,7 +256,7 @@ class EdgeWorker:
                 if "NOGROUP" not in str(exc):
                     raise
                 self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
-        self.client.delete(self.keys.heartbeat("edge", self.name))
+        self.beat.clear()
         log.info("edge_worker_stopped", worker=self.name)
 
 

@@ -430,6 +430,23 @@ def serve(cfg: MetricsSettings, metrics: FallwatchMetrics | None = None) -> int 
     return port
 
 
+def served_port() -> int | None:
+    """The port of the first endpoint :func:`serve` started in this process, if any."""
+    with _servers.lock:
+        return int(_servers.running[0].server_address[1]) if _servers.running else None
+
+
+def start_role(cfg: MetricsSettings, role: str, name: str) -> int | None:
+    """Label this process's metrics with its role and serve them. A taken port is logged, not fatal:
+    fall detection must not stop for want of a metrics endpoint."""
+    set_role(role, name)
+    try:
+        return serve(cfg)
+    except MetricsPortInUse as exc:
+        log.error("metrics_unavailable", role=role, error=str(exc))
+        return None
+
+
 def shutdown() -> None:
     """Stop every endpoint :func:`serve` started in this process."""
     with _servers.lock:

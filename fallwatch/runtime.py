@@ -6,6 +6,12 @@ import os
 import signal
 import socket
 import threading
+import time
+from typing import Any
+
+from fallwatch.keys import Keys
+from fallwatch.metrics import advertise, served_port
+from fallwatch.settings import MetricsSettings
 
 
 def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
@@ -26,3 +32,37 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
 def worker_name(role: str) -> str:
     """A worker's default name: role-host-pid (unique per process)."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+class Heartbeat:
+    """A worker's liveness key (TTL: three periods) and its metrics endpoint, refreshed at most
+    once a period. ``fallwatch health ROLE`` and ``fallwatch status`` read them."""
+
+    def __init__(self, client: Any, keys: Keys, role: str, name: str, cfg: MetricsSettings):
+        self.client, self.keys, self.role, self.name, self.cfg = client, keys, role, name, cfg
+        self._last = float("-inf")
+
+    def beat(self, force: bool = False) -> bool:
+        """Refresh when a period has passed (or ``force``); True when it wrote."""
+        now = time.monotonic()
+        if not force and now - self._last < self.cfg.heartbeat_s:
+            return False
+        self._last = now
+        ttl = max(1, int(self.cfg.heartbeat_s * 3))
+        self.client.set(self.keys.heartbeat(self.role, self.name), repr(time.time()), ex=ttl)
+        advertise(self.client, self.keys, self.role, self.name, self.cfg, served_port())
+        return True
+
+    def clear(self) -> None:
+        self.client.delete(self.keys.heartbeat(self.role, self.name))
+
+    def run(self, stop: threading.Event) -> None:
+        """Beat every period until ``stop`` (for roles without a single loop of their own)."""
+        import redis  # noqa: PLC0415
+
+        while not stop.is_set():
+            try:
+                self.beat(force=True)
+            except redis.RedisError:
+                pass  # the role's own loops report the outage; keep beating once Redis is back
+            stop.wait(self.cfg.heartbeat_s)

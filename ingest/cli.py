@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import redis
 import typer
 
 from fallwatch.context import app_context
@@ -33,10 +37,33 @@ def ingest_cmd(
     try:
         with RedisHandle(settings.redis) as handle:
             check(handle.client, settings.redis.min_server_version)
-            run_cameras(settings, cameras, handle.client, actx.keys, stop)
+            with _alive(settings, handle.client, actx.keys, stop):
+                run_cameras(settings, cameras, handle.client, actx.keys, stop)
     except RedisUnavailable as exc:
         typer.secho(f"Redis unavailable: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
+
+
+@contextmanager
+def _alive(settings, client, keys, stop: threading.Event) -> Iterator[None]:
+    """Serve metrics and keep the ingest heartbeat while the cameras run."""
+    from fallwatch.metrics import start_role  # noqa: PLC0415
+    from fallwatch.runtime import Heartbeat, worker_name  # noqa: PLC0415
+
+    name = worker_name("ingest")
+    start_role(settings.metrics, "ingest", name)
+    beat = Heartbeat(client, keys, "ingest", name, settings.metrics)
+    thread = threading.Thread(target=beat.run, args=(stop,), name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        try:
+            beat.clear()
+        except redis.RedisError:
+            pass
 
 
 def replay_cmd(

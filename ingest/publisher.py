@@ -15,6 +15,7 @@ import redis
 import structlog
 
 from fallwatch.keys import Keys
+from fallwatch.metrics import IngestMetrics
 from fallwatch.schemas import FrameMessage, ItemKind, encode
 from fallwatch.settings import IngestSettings
 from ingest.jpeg import encode_jpeg
@@ -55,8 +56,9 @@ class Publisher:
 
     def __init__(self, client: redis.Redis, keys: Keys, camera_id: str, ing: IngestSettings,
                  stop: threading.Event, *, clips: bool | None = None, gating: bool | None = None,
-                 max_pending: int | None = None):
+                 max_pending: int | None = None, metrics: IngestMetrics | None = None):
         self.client = client
+        self.metrics = metrics or IngestMetrics.create()
         self.keys = keys
         self.camera_id = camera_id
         self.ing = ing
@@ -129,6 +131,9 @@ class Publisher:
         pipe.hset(self.keys.camera_info(self.camera_id),
                   mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
         entry_id = pipe.execute()[0]
+        self.metrics.ingested(self.camera_id, msg.n_images)
+        self.metrics.dropped(self.camera_id, self._unsaved.dropped)
+        self.metrics.motion_skipped(self.camera_id, self._unsaved.gated)
         self._unsaved = PublishStats()
         self.stats.items += 1
         self.stats.frames += msg.n_images

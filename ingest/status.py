@@ -6,6 +6,7 @@ import redis
 import structlog
 
 from fallwatch.keys import Keys
+from fallwatch.metrics import IngestMetrics
 from fallwatch.schemas import CameraState, CameraStatus, encode
 
 log = structlog.get_logger(__name__)
@@ -53,6 +54,7 @@ class StatusReporter:
             log.warning("camera_status_unsaved", camera=self.camera_id, state=state.value, error=str(exc))
             return
         self.state, self.reason = state, msg.reason
+        IngestMetrics.create().online(self.camera_id, state is CameraState.ONLINE, fps)
         if state is CameraState.ONLINE:
             log.info("camera_online", camera=self.camera_id, source=self.source, fps=fps)
         elif expected:
