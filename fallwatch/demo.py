@@ -97,6 +97,8 @@ def live_env(cfg: DemoConfig, base: dict[str, str], redis_url: str, switcher: Pa
         "FALLWATCH_NOTIFICATIONS__RETRY_BASE_S": "0.2",
         "FALLWATCH_METRICS__ENABLED": "false",
         "FALLWATCH_LOGGING__LEVEL": "warning",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
     })
     return env
 
@@ -132,10 +134,10 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
         client = redis.Redis.from_url(server.url)
         client.flushall()
         env = live_env(cfg, base_env, server.url, switcher, hook.url())
-        specs = [RoleSpec("edge", ("edge",)), RoleSpec("cloud", ("cloud",)), RoleSpec("alerts", ("alerts",)),
-                 RoleSpec("replay", ("replay", "--clips", str(clips), "--fps", str(cfg.fps), "--camera-id", camera),
-                          restart=False)]
-        sup = Supervisor(specs, env, log_format="json")
+        workers = ("edge", "cloud", "alerts")
+        sup = Supervisor([RoleSpec(role, (role,)) for role in workers], env, log_format="json")
+        replay = RoleSpec("replay", ("replay", "--clips", str(clips), "--fps", str(cfg.fps), "--camera-id", camera),
+                          restart=False)
         stop = threading.Event()
         follower = threading.Thread(target=_follow_alerts, args=(client, keys, stop), daemon=True)
         follower.start()
@@ -143,6 +145,8 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
         started = time.monotonic()
         runner.start()
         try:
+            _wait_for_workers(client, keys, workers, started + cfg.timeout_s)
+            sup.add(replay)  # the clock of every latency starts with the models loaded
             _wait_until_done(client, keys, sup, camera, started + cfg.timeout_s)
         finally:
             stop.set()
@@ -157,6 +161,15 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
 
 def _ingested(client: redis.Redis, keys: Keys, camera: str) -> int:
     return int(client.get(keys.counter(f"ingest:{camera}:items")) or 0)
+
+
+def _wait_for_workers(client: redis.Redis, keys: Keys, roles: tuple[str, ...], deadline: float) -> None:
+    """Until every role has a heartbeat (its model is loaded and it is serving)."""
+    while time.monotonic() < deadline:
+        if all(next(client.scan_iter(match=keys.heartbeat_pattern(role)), None) for role in roles):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the workers did not all start within the time limit: {', '.join(roles)}")
 
 
 def _wait_until_done(client: redis.Redis, keys: Keys, sup: Supervisor, camera: str, deadline: float) -> None:

@@ -74,10 +74,18 @@ class Supervisor:
         for child in self.children.values():
             self._spawn(child)
 
+    def add(self, spec: RoleSpec) -> None:
+        """Start one more role now (e.g. a replay once the workers are ready)."""
+        if spec.name in self.children:
+            raise ValueError(f"role {spec.name!r} exists already")
+        child = _Child(spec, backoff_s=self.restart_base_s)
+        self._spawn(child)
+        self.children[spec.name] = child
+
     def poll(self) -> None:
         """Restart roles that died (with backoff); forget one-shot roles that finished."""
         now = time.monotonic()
-        for child in self.children.values():
+        for child in list(self.children.values()):  # add() may run on another thread
             if child.proc is None:
                 if child.spec.restart and now >= child.next_start:
                     child.restarts += 1
@@ -104,7 +112,7 @@ class Supervisor:
         return proc.pid if proc is not None else None
 
     def stop(self) -> None:
-        procs = [c.proc for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
+        procs = [c.proc for c in list(self.children.values()) if c.proc is not None and c.proc.poll() is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace_s
