@@ -3,12 +3,18 @@
 One pipelined round trip per item: XADD (``MAXLEN ~``), the camera's counters and its
 ``last_frame_at``. A Redis outage is waited out with capped backoff (the same item is retried);
 meanwhile the live buffer in front drops its oldest frames.
+
+The stream is kept near ``stream_maxlen`` by :data:`ADD_AND_TRIM`, one Lua call that adds the
+entry and, once the stream is a chunk over, trims the oldest entries exactly, counting those the
+edge group had not read yet (overload): ``frames_trimmed_unread`` in total, ``ingest:<id>:trimmed``
+per camera. So every frame that enters the stream is either read by an edge worker or counted.
 """
 
 from __future__ import annotations
 
+import re
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import redis
@@ -31,11 +37,12 @@ class PublishStats:
     frames: int = 0  # images inside them
     gated: int = 0  # sampled frames/clips skipped as still (motion gating)
     dropped: int = 0  # frames dropped by a full live buffer
+    trimmed: int = 0  # items trimmed from the stream by MAXLEN before the edge group read them
 
 
 def counter_names(camera_id: str) -> dict[str, str]:
     """Counter names (for ``Keys.counter``) of one camera, by PublishStats field."""
-    return {f: f"ingest:{camera_id}:{f}" for f in ("items", "frames", "gated", "dropped")}
+    return {f: f"ingest:{camera_id}:{f}" for f in ("items", "frames", "gated", "dropped", "trimmed")}
 
 
 def clip_label(parts: list[FrameRecord]) -> bool | None:
@@ -48,6 +55,54 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+# KEYS: frames stream, total trimmed-unread counter. ARGV: maxlen, chunk, most entries trimmed per
+# call, edge group, then the entry's field/value pairs. Returns {new id, camera id of every entry
+# trimmed before the group read it}. Trimming is exact (XTRIM MINID) so the count is too.
+ADD_AND_TRIM = """
+local stream = KEYS[1]
+local maxlen, chunk, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local id = redis.call('XADD', stream, '*', unpack(ARGV, 5))
+local excess = redis.call('XLEN', stream) - maxlen
+if excess < chunk then return {id} end
+local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(excess, limit))
+local function split(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return ms, tonumber(seq)
+end
+local function later(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  am, bm = tonumber(am), tonumber(bm)
+  return am > bm or (am == bm and as > bs)
+end
+local delivered = '0-0'
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[4] then delivered = info['last-delivered-id'] end
+end
+local out = {id}
+for _, entry in ipairs(oldest) do
+  if later(entry[1], delivered) then
+    local camera, f = '', entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'm' then
+        local ok, m = pcall(cjson.decode, f[i + 1])
+        if ok and type(m) == 'table' and type(m['camera_id']) == 'string' then camera = m['camera_id'] end
+      end
+    end
+    out[#out + 1] = camera
+  end
+end
+local ms, seq = split(oldest[#oldest][1])
+redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (seq + 1))
+if #out > 1 then redis.call('INCRBY', KEYS[2], #out - 1) end
+return out
+"""
+TRIM_LIMIT = 1000  # entries trimmed per call at most (a lowered maxlen is reached over several calls)
+CAMERA_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Publisher:
@@ -122,7 +177,10 @@ class Publisher:
     def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
         names = counter_names(self.camera_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.keys.frames_stream(), fields, maxlen=self.ing.stream_maxlen, approximate=True)
+        maxlen = self.ing.stream_maxlen
+        pipe.eval(ADD_AND_TRIM, 2, self.keys.frames_stream(), self.keys.counter("frames_trimmed_unread"),
+                  maxlen, max(1, maxlen // 20), TRIM_LIMIT, self.keys.edge_group(),
+                  *(x for pair in fields.items() for x in pair))
         pipe.incrby(self.keys.counter(names["items"]), 1)
         pipe.incrby(self.keys.counter(names["frames"]), msg.n_images)
         for field in ("gated", "dropped"):
@@ -130,7 +188,8 @@ class Publisher:
                 pipe.incrby(self.keys.counter(names[field]), getattr(self._unsaved, field))
         pipe.hset(self.keys.camera_info(self.camera_id),
                   mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
-        entry_id = pipe.execute()[0]
+        added = pipe.execute()[0]
+        entry_id = added[0]
         self.metrics.ingested(self.camera_id, msg.n_images)
         self.metrics.dropped(self.camera_id, self._unsaved.dropped)
         self.metrics.motion_skipped(self.camera_id, self._unsaved.gated)
@@ -139,6 +198,22 @@ class Publisher:
         self.stats.frames += msg.n_images
         if self.max_pending is not None:
             self._recent.append(_stream_id(entry_id))
+        if len(added) > 1:
+            self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(_text, added[1:])])
+
+    def _count_trimmed(self, cameras: list[str]) -> None:
+        """Per-camera counters of entries trimmed unread (the total is already counted, atomically)."""
+        counts = Counter(cameras)
+        self.stats.trimmed += counts[self.camera_id]
+        log.warning("frames_trimmed_unread", camera=self.camera_id, count=len(cameras), cameras=dict(counts),
+                    maxlen=self.ing.stream_maxlen)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for camera, n in counts.items():
+                pipe.incrby(self.keys.counter(counter_names(camera)["trimmed"]), n)
+            pipe.execute()
+        except redis.RedisError as exc:  # never retry the write for this: the frame is already added
+            log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc))
 
     def _wait_for_consumers(self) -> None:
         """Block while more than ``max_pending`` of our entries are not yet delivered to the edge group."""
