@@ -60,14 +60,23 @@ def parse_requests(requests: Any) -> list[OffloadRequest]:
 
 
 def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score a micro-batch of offloaded frames in one forward pass and publish CloudVerdicts."""
+    """Score a micro-batch of offloaded frames in one forward pass and publish CloudVerdicts.
+
+    Requests past their deadline are not scored: the alerts service has used (or is about to use)
+    the edge verdict, so a cloud verdict would be ignored. Skipping them lets a backlogged worker
+    catch up with the fresh frames instead of spending the GPU on stale ones.
+    """
     rt = runtime()
     try:
         reqs = parse_requests(requests)
     except PoisonInput as exc:
         _dead_letter(rt, exc)
         return {"scored": 0, "dead_lettered": 1}
-    items, ready, missing = _load_items(rt, reqs)
+    now = time.time()
+    expired = [r for r in reqs if r.deadline < now]
+    if expired:
+        log.info("cloud_requests_expired", worker=rt.name, count=len(expired))
+    items, ready, missing = _load_items(rt, [r for r in reqs if r.deadline >= now])
     verdicts = [_failure(r, rt.name, reason) for r, reason in missing]
     started = time.perf_counter()
     if ready:
@@ -81,7 +90,7 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
         pipe.xadd(rt.keys.verdicts_stream(), encode(v))
     pipe.delete(*[r.pixels_key for r in reqs])
     pipe.execute()
-    return {"scored": len(ready), "failed": len(missing)}
+    return {"scored": len(ready), "failed": len(missing), "expired": len(expired)}
 
 
 def _load_items(rt: CloudRuntime, reqs: list[OffloadRequest]):
