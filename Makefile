@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-deps test-fast demo bench clean
+.PHONY: install test test-deps test-fast faults demo bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ test-deps:
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not fault and not rtsp"
+
+# Fault-injection and security tests on real processes; prints the table of docs/reliability.md.
+faults: install
+	mkdir -p .fallwatch && rm -f .fallwatch/faults.jsonl
+	FALLWATCH_FAULT_REPORT=.fallwatch/faults.jsonl $(PY) -m pytest -q tests/test_faults.py tests/test_security.py
+	$(PY) -m tests.faults table .fallwatch/faults.jsonl
 
 # The end-to-end demo: synthetic data, tiny models, DMD, the live pipeline on an embedded Redis.
 demo: install
