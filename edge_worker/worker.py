@@ -256,7 +256,10 @@ class EdgeWorker:
                 if "NOGROUP" not in str(exc):
                     raise
                 self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
-        self.beat.clear()
+        try:
+            self.beat.clear()
+        except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
+            log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
         log.info("edge_worker_stopped", worker=self.name)
 
 

@@ -121,6 +121,41 @@ def test_cloud_worker_stops_while_redis_is_down() -> None:
         shutil.rmtree(server.data_dir, ignore_errors=True)
 
 
+def test_edge_worker_stops_cleanly_while_redis_is_down(tiny_edge) -> None:
+    server = EmbeddedRedis(tempfile.mkdtemp(prefix="fw-u-"), appendonly=False).start()
+    settings = Settings(redis={"url": server.url, "retry_attempts": 1, "retry_base_s": 0.01, "retry_cap_s": 0.2,
+                               "socket_timeout_s": 1}, edge={"block_ms": 50})
+    client, stop, errors = redis.Redis.from_url(server.url, socket_timeout=1), threading.Event(), []
+    worker = EdgeWorker(settings, client, Keys(), tiny_edge, name="edge-down")
+
+    def body() -> None:
+        try:
+            worker.run(stop)
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    try:
+        thread.start()
+        assert wait(lambda: client.exists(Keys().heartbeat("edge", "edge-down")))
+        server.stop()
+        time.sleep(0.5)
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive() and errors == []
+    finally:
+        stop.set()
+        server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.05)
+    return bool(cond())
+
+
 def test_trimmed_pending_frames_are_counted_and_do_not_hide_live_ones(settings, r, keys, tiny_edge) -> None:
     cfg = settings.model_copy(update={"edge": settings.edge.model_copy(update={"claim_idle_ms": 100,
                                                                                "batch_size": 4})})
