@@ -7,13 +7,18 @@ answer Linear. ViLT-B/32 gives 1536 features; the ``tiny`` preset gives ``2 * hi
 ``feature_dim`` always reports the loaded model's size.
 
 The model runs once per question: ``vilt`` → ``classifier[:3]`` → ``classifier[3]``, so features
-and logits come from the same forward pass. Scores are reproducible bit for bit. Images of
-different sizes in one batch are padded by the image processor and masked with ``pixel_mask``;
-a batch scores like its items one by one (within float tolerance).
+and logits come from the same forward pass. That pass sees the question's real tokens only (not
+its padding) and computes the last encoder layer for the first token only, the one the pooler
+reads: the same pooled output as ViLT's own forward pass (checked on every load; if it differs,
+ViLT's forward is used) for about a quarter less compute on a 640x640 frame (docs/benchmarks.md).
+Scores are reproducible bit for bit. Images of different sizes in one batch are padded by the
+image processor and masked with ``pixel_mask``; a batch scores like its items one by one (within
+float tolerance).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,9 +57,15 @@ class EdgeOutputs:
 @dataclass(frozen=True)
 class _Question:
     text: str
-    input_ids: torch.Tensor  # (1, L)
+    input_ids: torch.Tensor  # (1, L): padded to the model's text positions
     attention_mask: torch.Tensor  # (1, L)
     token_type_ids: torch.Tensor  # (1, L)
+    length: int  # up to the last real token: the forward pass runs on these only
+
+    def tokens(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, token_type_ids) without the padding, expanded to ``batch``."""
+        return tuple(t[:, :self.length].expand(batch, -1)  # type: ignore[return-value]
+                     for t in (self.input_ids, self.attention_mask, self.token_type_ids))
 
 
 class EdgeModel:
@@ -72,6 +83,7 @@ class EdgeModel:
         self.patch_size = int(model.config.patch_size)
         self.yes_no_ids = answer_ids(model.config, model_id)
         self._encoded = [self._encode_question(q) for q in self.questions]
+        self._fast = self._check_fast_path()
         from transformers.image_processing_backends import TorchvisionBackend
 
         if not isinstance(self.image_processor, TorchvisionBackend):
@@ -99,7 +111,9 @@ class EdgeModel:
         max_len = int(self.model.config.max_position_embeddings)
         enc = self.tokenizer(text, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         token_types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
-        return _Question(text, *(t.to(self.device) for t in (enc["input_ids"], enc["attention_mask"], token_types)))
+        length = int(enc["attention_mask"][0].nonzero().max()) + 1
+        tensors = (t.to(self.device) for t in (enc["input_ids"], enc["attention_mask"], token_types))
+        return _Question(text, *tensors, length=length)
 
     def preprocess(self, images: Sequence[np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
         """``pixel_values`` (B,3,H,W) in the model's dtype and ``pixel_mask`` (B,H,W) for a batch."""
@@ -145,15 +159,72 @@ class EdgeModel:
         )
 
     def _forward(self, q: _Question, pixels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = pixels["pixel_values"].shape[0]
-        out = self.model.vilt(
-            input_ids=q.input_ids.expand(batch, -1),
-            attention_mask=q.attention_mask.expand(batch, -1),
-            token_type_ids=q.token_type_ids.expand(batch, -1),
-            **pixels,
-        )
-        features = self.model.classifier[:3](out.pooler_output)
+        """One question over a batch, on the question's real tokens only: under the attention mask
+        the padding changes nothing, but it is 40 of 185 tokens of a 640x640 frame's forward pass."""
+        input_ids, attention_mask, token_type_ids = q.tokens(pixels["pixel_values"].shape[0])
+        if self._fast:
+            pooled = pooled_output(self.model.vilt, input_ids, attention_mask, token_type_ids, pixels)
+        else:
+            pooled = self.model.vilt(input_ids=input_ids, attention_mask=attention_mask,
+                                     token_type_ids=token_type_ids, **pixels).pooler_output
+        features = self.model.classifier[:3](pooled)
         return features, self.model.classifier[3](features)
+
+    def _check_fast_path(self) -> bool:
+        """Whether :func:`pooled_output` agrees with the model's own forward pass on this model (two
+        frames of different sizes, so the pixel mask pads); if not, the model's forward is used."""
+        q = self._encoded[0]
+        images = [torch.full((3, 64, 80), 90, dtype=torch.uint8), torch.full((3, 64, 64), 160, dtype=torch.uint8)]
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+                pixels = self.preprocess(images)
+                tokens = q.tokens(len(images))
+                torch.manual_seed(0)
+                fast = pooled_output(self.model.vilt, *tokens, pixels).float()
+                torch.manual_seed(0)
+                ref = self.model.vilt(input_ids=tokens[0], attention_mask=tokens[1], token_type_ids=tokens[2],
+                                      **pixels).pooler_output.float()
+        except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            log.warning("edge_fast_path_disabled", model=self.model_id, error=str(exc))
+            return False
+        cosine = float(torch.nn.functional.cosine_similarity(fast, ref, dim=1).min())
+        if cosine < 0.999:
+            log.warning("edge_fast_path_disabled", model=self.model_id, cosine=round(cosine, 6))
+            return False
+        return True
+
+
+def pooled_output(vilt: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                  pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``ViltModel(...).pooler_output``, with the last encoder layer computed for the first token
+    only: the pooler reads nothing else, and the other tokens' attention and MLP in that layer are
+    about 7% of the forward pass."""
+    hidden, mask = vilt.embeddings(input_ids, attention_mask, token_type_ids, pixels["pixel_values"],
+                                   pixels["pixel_mask"], None, None, image_token_type_idx=1)
+    additive = None  # every token attends to every token: no mask to add
+    if not bool(mask.all()):
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    *layers, last = vilt.encoder.layer
+    for layer in layers:
+        hidden = layer(hidden, additive)[0]
+    return vilt.pooler(vilt.layernorm(_first_token_layer(last, hidden, additive)))
+
+
+def _first_token_layer(layer: Any, hidden: torch.Tensor, additive_mask: torch.Tensor | None) -> torch.Tensor:
+    """A ViltLayer's output for token 0 only, (B, 1, H): its query attends to every token."""
+    attn = layer.attention.attention
+    x = layer.layernorm_before(hidden)
+    batch, length, width = x.shape
+    head = attn.attention_head_size
+    query = attn.query(x[:, :1]).view(batch, 1, -1, head).transpose(1, 2)
+    key = attn.key(x).view(batch, length, -1, head).transpose(1, 2)
+    value = attn.value(x).view(batch, length, -1, head).transpose(1, 2)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    context = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).reshape(batch, 1, width)
+    first = layer.attention.output(context, None) + hidden[:, :1]
+    return layer.output(layer.intermediate(layer.layernorm_after(first)), first)
 
 
 def answer_ids(config: Any, model_id: str) -> tuple[int, int]:

@@ -227,3 +227,47 @@ def test_concurrent_builds_leave_one_complete_directory(tmp_path: Path) -> None:
     assert results == [tmp_path / "demo"] * 4 and len(builds) >= 1
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["fallwatch_tiny.json", "weights.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+# --- the forward pass: the question's own tokens, the last layer for the pooled token only ------------
+
+
+def _plain_logits(model: EdgeModel, images: list[np.ndarray]) -> np.ndarray:
+    """(B, Q, A) logits of ViltForQuestionAnswering's own forward pass on the padded questions."""
+    batch, per_question = len(images), []
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        pixels = model.preprocess(images)
+        for q in model._encoded:
+            torch.manual_seed(0)
+            out = model.model(input_ids=q.input_ids.expand(batch, -1), attention_mask=q.attention_mask.expand(batch, -1),
+                              token_type_ids=q.token_type_ids.expand(batch, -1), **pixels)
+            per_question.append(out.logits.float())
+    return torch.stack(per_question, dim=1).numpy()
+
+
+def test_forward_matches_vilt_on_padded_questions_with_mixed_sizes(edge: EdgeModel) -> None:
+    assert edge._fast
+    images = frames(8)
+    np.testing.assert_allclose(edge.outputs(images).logits.numpy(), _plain_logits(edge, images), atol=2e-5)
+
+
+def test_encoder_runs_on_the_question_tokens_only(edge: EdgeModel) -> None:
+    seen: list[int] = []
+    hook = edge.model.vilt.encoder.layer[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    image = frames(9)[1]
+    try:
+        edge.score([image])
+    finally:
+        hook.remove()
+    assert all(q.length == int(q.attention_mask.sum()) < q.input_ids.shape[1] == 40 for q in edge._encoded)
+    assert seen == [q.length + edge.image_tokens(image) for q in edge._encoded]
+
+
+def test_a_forward_that_disagrees_with_vilt_is_not_used(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_worker.model as edge_model
+
+    monkeypatch.setattr(edge_model, "pooled_output", lambda vilt, *a: torch.zeros(2, vilt.config.hidden_size))
+    model = EdgeModel.load(EdgeSettings(model="tiny", questions=QUESTIONS), cache_dir=tiny_root)
+    assert not model._fast
+    images = frames(10)
+    np.testing.assert_allclose(model.outputs(images).logits.numpy(), _plain_logits(model, images), atol=2e-5)
