@@ -212,7 +212,6 @@ def test_redis_killed_and_restarted_mid_stream(server, client, tmp_path) -> None
             before_finals = {v.frame_id for v in finals(client, KEYS)}
             before_events = event_keys(client)
             time.sleep(1.5)  # older than one AOF fsync period
-            down_at = time.monotonic()
             restart(server, signal.SIGKILL, down_s=2.0)
             restarted, restarted_wall = time.monotonic(), time.time()
             kept_finals = {v.frame_id for v in finals(client, KEYS)}
@@ -248,7 +247,6 @@ def test_redis_killed_and_restarted_mid_stream(server, client, tmp_path) -> None
     assert replayed == tally.frames_in  # nothing the replay was told was written went missing
     assert notified == len(starts)       # one notification per event: none lost, none repeated
     assert_clean_exit(codes, roles)
-    assert down_at < restarted
 
 
 # --- 5. poison input ------------------------------------------------------------------------------
