@@ -1,0 +1,270 @@
+"""Transport: 60 KB frames through Redis streams with fallwatch's own code vs redis-benchmark.
+
+fallwatch's path, on one connection each way, as the roles do it:
+
+* write: ``ingest.publisher.Publisher.publish`` (schemas.encode, one pipelined round trip with
+  XADD ``MAXLEN ~``, the camera's counters and ``last_frame_at``), with a ready 60 KB JPEG
+  payload instead of a camera frame (JPEG encoding is ingest's cost, measured by bench_ingest);
+* read: ``EdgeWorker.read`` (XREADGROUP COUNT edge.batch_size), ``schemas.decode`` of every entry,
+  XACK of the batch.
+
+The reference is Debian's ``redis-benchmark`` on the same server with one client and no
+pipelining: ``XADD`` of the same 60 KB field (``-x``), then ``XREADGROUP ... COUNT batch``, and
+``SET -d 60000`` for scale. A frame has to be written and read once: the combined rate of a
+writer and a reader taking turns is ``1 / (1/write + 1/read)``, computed the same way for both.
+fallwatch's writer and reader are also run at the same time (two threads): ``concurrent``.
+
+    .venv/bin/python bench/bench_transport.py --out bench/results/transport [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import Machine, figure, load_average, median_ratio
+
+PAYLOAD = 60_000
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class Rates:
+    write_per_s: float
+    read_per_s: float
+    combined_per_s: float  # one write and one read per frame, taking turns
+
+
+@dataclass(frozen=True)
+class Round:
+    fallwatch: Rates
+    fallwatch_concurrent_per_s: float
+    redis_benchmark: Rates
+    redis_benchmark_set_per_s: float
+    load_average_1m: float
+
+
+@dataclass(frozen=True)
+class TransportBench:
+    frames: int
+    payload_bytes: int
+    batch: int
+    rounds: tuple[Round, ...]  # reference and fallwatch alternate, so each pair shares the machine's load
+    frames_per_s: float  # median combined fallwatch rate
+    reference_per_s: float  # median combined redis-benchmark rate
+    ratio: float  # median of the pairwise ratios
+
+
+def combined(write: float, read: float) -> Rates:
+    return Rates(round(write, 1), round(read, 1), round(1 / (1 / write + 1 / read), 1))
+
+
+def payload() -> bytes:
+    """60 KB of random bytes without NUL (redis-benchmark reads ``-x`` stdin as a C string)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(1, 256, PAYLOAD, dtype=np.uint8).tobytes()
+
+
+# --- fallwatch's path ----------------------------------------------------------------------------
+
+
+def make_publisher(client, keys, settings, data: bytes):
+    """An ingest Publisher whose items are a ready JPEG instead of an encoded camera frame."""
+    from fallwatch.schemas import FrameMessage
+    from ingest.publisher import Publisher
+
+    class ReadyPublisher(Publisher):
+        def build(self, parts):
+            rec = parts[-1]
+            msg = FrameMessage.make(self.camera_id, rec.seq, captured_at=rec.captured_at, width=640, height=640)
+            return msg, [data]
+
+    return ReadyPublisher(client, keys, "bench", settings.ingest, threading.Event())
+
+
+def record(seq: int):
+    import numpy as np
+
+    from ingest.records import FrameRecord
+
+    return FrameRecord("bench", seq, time.time(), np.zeros((1, 1, 3), np.uint8))
+
+
+def write_frames(publisher, frames: int) -> float:
+    start = time.perf_counter()
+    for i in range(frames):
+        publisher.publish([record(i)])
+    return frames / (time.perf_counter() - start)
+
+
+def read_frames(worker, frames: int) -> float:
+    from fallwatch.schemas import FrameMessage, decode
+
+    done = 0
+    start = time.perf_counter()
+    while done < frames:
+        entries = worker.read(block_ms=1000)
+        for _eid, fields in entries:
+            decode(fields, expect=FrameMessage)
+        if entries:
+            worker.client.xack(worker.keys.frames_stream(), worker.keys.edge_group(), *[e for e, _ in entries])
+        done += len(entries)
+    return frames / (time.perf_counter() - start)
+
+
+def fallwatch_rates(url: str, frames: int, data: bytes) -> tuple[Rates, float]:
+    import redis
+
+    from edge_worker.worker import EdgeWorker
+    from fallwatch.keys import Keys
+    from fallwatch.settings import Settings
+
+    settings = Settings(redis={"url": url}, ingest={"stream_maxlen": 4 * frames}, edge={"batch_size": BATCH})
+    writer, reader = redis.Redis.from_url(url), redis.Redis.from_url(url)
+    keys = Keys("fwbench")
+    worker = EdgeWorker(settings, reader, keys, model=None, name="bench")  # read() never touches the model
+    worker.ensure_group()
+    publisher = make_publisher(writer, keys, settings, data)
+    write_frames(publisher, 20)  # warm up connections and code paths
+    read_frames(worker, 20)
+    sequential = combined(write_frames(publisher, frames), read_frames(worker, frames))
+    start = time.perf_counter()
+    thread = threading.Thread(target=write_frames, args=(publisher, frames))
+    thread.start()
+    read_frames(worker, frames)
+    thread.join()
+    concurrent = frames / (time.perf_counter() - start)
+    writer.delete(keys.frames_stream())
+    writer.close()
+    reader.close()
+    return sequential, round(concurrent, 1)
+
+
+# --- redis-benchmark ----------------------------------------------------------------------------
+
+
+def redis_benchmark(socket: Path, requests: int, *command: str, stdin: bytes | None = None) -> float:
+    """Requests per second of one redis-benchmark client without pipelining."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise SystemExit("redis-benchmark not found (apt-get install redis-tools)")
+    args = [exe, "-s", str(socket), "-c", "1", "-P", "1", "-n", str(requests), "--csv", *command]
+    out = subprocess.run(args, input=stdin, capture_output=True, check=True, timeout=300).stdout.decode()
+    rows = list(csv.reader(io.StringIO(out)))
+    return float(rows[-1][1])
+
+
+def reference_rates(socket: Path, url: str, frames: int, data: bytes) -> tuple[Rates, float]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    stream = "rbench:stream"
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    write = redis_benchmark(socket, frames, "-x", "XADD", stream, "MAXLEN", "~", str(4 * frames), "*", "p0",
+                            stdin=data)
+    reads = redis_benchmark(socket, frames // BATCH, "XREADGROUP", "GROUP", "g", "c", "COUNT", str(BATCH),
+                            "STREAMS", stream, ">")
+    set_rate = redis_benchmark(socket, frames, "-t", "set", "-d", str(len(data)))
+    entry = client.xrange(stream, count=1)[0][1]
+    client.delete(stream, "key:__rand_int__")
+    client.close()
+    if entry.get(b"p0") != data:
+        raise RuntimeError("redis-benchmark did not write the 60 KB payload into the stream entry")
+    return combined(write, reads * BATCH), round(set_rate, 1)
+
+
+def run_transport(work: Path, quick: bool) -> TransportBench:
+    from fallwatch.redis import EmbeddedRedis
+
+    frames, rounds = (500, 3) if quick else (2000, 5)
+    data = payload()
+    results = []
+    with EmbeddedRedis(work / "redis", appendonly=False) as server:
+        for _ in tqdm(range(rounds), desc="transport rounds", leave=False):
+            reference, set_rate = reference_rates(server.socket_path, server.url, frames, data)
+            ours, concurrent = fallwatch_rates(server.url, frames, data)
+            results.append(Round(ours, concurrent, reference, set_rate, load_average()[0]))
+    ratio = median_ratio([r.fallwatch.combined_per_s for r in results], [r.redis_benchmark.combined_per_s for r in results])
+    return TransportBench(frames, len(data), BATCH, tuple(results),
+                          statistics.median(r.fallwatch.combined_per_s for r in results),
+                          statistics.median(r.redis_benchmark.combined_per_s for r in results), round(ratio, 3))
+
+
+def parser_ab(rounds: int, frames: int) -> dict[str, list[float]]:
+    """fallwatch's combined and concurrent rates with redis-py's pure-Python reply parser and with
+    hiredis, each round in two fresh processes (A B A B): hiredis is chosen when redis is imported."""
+    import subprocess as sp
+    import sys
+
+    out: dict[str, list[float]] = {}
+    for _ in tqdm(range(rounds), desc="redis parser A/B", leave=False):
+        for parser in ("python", "hiredis"):
+            args = [sys.executable, __file__, "--out", "-", "--fallwatch-only", "--parser", parser,
+                    "--frames", str(frames)]
+            rates = json.loads(sp.run(args, capture_output=True, check=True, timeout=300).stdout.decode().splitlines()[-1])
+            out.setdefault(f"{parser}_combined_per_s", []).append(rates["combined_per_s"])
+            out.setdefault(f"{parser}_concurrent_per_s", []).append(rates["concurrent_per_s"])
+    return out
+
+
+def fallwatch_only(frames: int) -> dict[str, float]:
+    from fallwatch.redis import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp, EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
+        rates, concurrent = fallwatch_rates(server.url, frames, payload())
+    return asdict(rates) | {"concurrent_per_s": concurrent}
+
+
+def figures(bench: TransportBench, machine: Machine) -> list:
+    return [
+        figure("transport.frames_per_s", bench.frames_per_s, "frames/s", machine, frames=bench.frames,
+               payload_bytes=bench.payload_bytes, batch=bench.batch, rounds=[asdict(r) for r in bench.rounds]),
+        figure("transport.ratio_vs_redis_benchmark", bench.ratio, "ratio", machine,
+               reference_per_s=bench.reference_per_s,
+               reference="redis-benchmark -c 1 -P 1: XADD of the same 60 KB field, XREADGROUP COUNT 8"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for transport.json")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 500 frames instead of 5 of 2000")
+    ap.add_argument("--parser-ab", type=int, default=0, help="also N rounds: pure-Python reply parser vs hiredis")
+    ap.add_argument("--fallwatch-only", action="store_true", help=argparse.SUPPRESS)  # one A/B half, JSON on stdout
+    ap.add_argument("--parser", choices=["python", "hiredis"], default="hiredis", help=argparse.SUPPRESS)
+    ap.add_argument("--frames", type=int, default=2000, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fallwatch_only:
+        if args.parser == "python":
+            sys.modules["hiredis"] = None  # type: ignore[assignment]  # redis-py then uses its own parser
+        print(json.dumps(fallwatch_only(args.frames)))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = Machine.here()
+    with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
+        bench = run_transport(Path(tmp), args.quick)
+    result = {f.name: f.to_json() for f in figures(bench, machine)}
+    if args.parser_ab:
+        ab = parser_ab(args.parser_ab, 500 if args.quick else 2000)
+        result["transport.frames_per_s"]["details"]["parser_ab"] = ab
+        print(json.dumps(ab, indent=2))
+    (args.out / "transport.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(asdict(bench), indent=2))
+
+
+if __name__ == "__main__":
+    main()
