@@ -166,6 +166,8 @@ def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_c
             worker.teardown()
         except redis.RedisError as exc:
             log.warning("cloud_worker_teardown_failed", worker=worker.name, error=str(exc))
+            if worker.pubsub_thread is not None:
+                worker.pubsub_thread.stop()  # RQ's command listener would go on retrying the lost server
         install(None)
     log.info("cloud_worker_stopped", worker=worker.name, jobs=done)
     return done

@@ -115,6 +115,7 @@ def test_cloud_worker_stops_while_redis_is_down() -> None:
         stop.set()
         thread.join(10)
         assert not thread.is_alive(), "the cloud worker kept retrying Redis after it was told to stop"
+        assert wait(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "PubSubWorkerThread"])
     finally:
         stop.set()
         server.stop()
