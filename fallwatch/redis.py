@@ -32,6 +32,19 @@ class RedisUnavailable(RuntimeError):
     """Redis cannot be reached or is not usable; the message says why."""
 
 
+class _Retry(Retry):
+    """Retry lost connections, but not a refused login: a wrong password will not become right
+    (redis-py's AuthenticationError is a ConnectionError, so it would be retried otherwise)."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[override]
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return is_retryable(error) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
 
@@ -44,7 +57,7 @@ def connection_kwargs(cfg: RedisSettings, url: str | None = None) -> dict[str, A
     kw: dict[str, Any] = {
         "socket_timeout": cfg.socket_timeout_s,
         "socket_connect_timeout": cfg.connect_timeout_s,
-        "retry": Retry(ExponentialBackoff(cap=cfg.retry_cap_s, base=cfg.retry_base_s), cfg.retry_attempts),
+        "retry": _Retry(ExponentialBackoff(cap=cfg.retry_cap_s, base=cfg.retry_base_s), cfg.retry_attempts),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError, ConnectionResetError],
         "health_check_interval": 30,
     }

@@ -162,3 +162,13 @@ def test_health_of_a_role_reads_its_heartbeats(redis_url: str, r, monkeypatch: p
     assert res.exit_code == 0, res.output
     assert '"workers": ["edge-host-1"]' in res.output
     assert runner.invoke(app, ["health", "nonsense"]).exit_code == 2
+
+
+def test_a_wrong_password_is_refused_at_once_not_retried(short_dir: Path) -> None:
+    port = free_port()
+    with EmbeddedRedis(short_dir, appendonly=False, port=port, extra_args=["--requirepass", "right"]):
+        client = connect(RedisSettings(retry_attempts=8, retry_base_s=0.5, retry_cap_s=2), f"redis://:wrong@127.0.0.1:{port}/0")
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable, match="authentication failed"):
+            check(client)
+        assert time.monotonic() - started < 1.0  # eight retries would take over 5 s
