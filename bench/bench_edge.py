@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import DEFAULT_CACHE, QUESTION, Machine, figure, full_vilt_dir, load_average, median_ratio, \
-    scene_jpegs, switcher_checkpoint
+from common import DEFAULT_CACHE, QUESTION, Machine, exit_cleanly_on_signals, figure, full_vilt_dir, load_average, \
+    median_ratio, scene_jpegs, switcher_checkpoint
 
 MODES = {"bf16": {"dtype": "bf16"}, "int8": {"int8": True}}
 OFFLOAD_SHARE = 0.25  # the bench switcher offloads about this fraction of frames
@@ -258,7 +258,7 @@ class Plan:
 
     @classmethod
     def for_run(cls, quick: bool) -> "Plan":
-        return cls((8,), 16, 1, 2, 16) if quick else cls((1, 2, 4, 8, 16), 16, 3, 8, 32)
+        return cls((8,), 16, 1, 3, 16) if quick else cls((1, 2, 4, 8, 16), 16, 3, 8, 32)
 
 
 def load_models(cache: Path, modes: Sequence[str] = tuple(MODES)) -> dict:
@@ -334,6 +334,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one worker run with pyinstrument")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
+    exit_cleanly_on_signals()
     from fallwatch import logging as fw_logging
 
     fw_logging.configure("warning", "console")

@@ -88,6 +88,19 @@ def figure(name: str, value: float | None, unit: str, machine: Machine, target: 
     return Figure(name, value, unit, target, met, load_average(), machine, dict(details))
 
 
+def exit_cleanly_on_signals() -> None:
+    """SIGTERM and SIGINT raise SystemExit, so context managers stop the redis-servers and role
+    processes a benchmark started (a background job would otherwise ignore SIGINT)."""
+    import signal
+    import sys
+
+    def stop(signum: int, _frame: object) -> None:
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """Median of the pairwise ratios a[i] / b[i] (interleaved runs: each pair shares the same load)."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))

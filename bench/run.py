@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import DEFAULT_CACHE, Figure, Machine, figure, full_vilt_dir
+from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
 SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud")
 
@@ -119,6 +119,7 @@ def run_sections(suite: Suite, names: list[str]) -> tuple[list[Figure], dict[str
 
 def main() -> None:
     args = parse_args()
+    exit_cleanly_on_signals()
     from fallwatch import logging as fw_logging
 
     fw_logging.configure("error", "console")  # the ingest section overloads a stream on purpose
