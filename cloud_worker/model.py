@@ -1,9 +1,12 @@
 """The cloud model: LLaVA-NeXT-Video answering "is the person falling?" on images and clips.
 
 ``CloudModel.score`` builds one chat prompt per item through the processor's chat template (or
-fallwatch's shipped LLaVA template when the model directory has none), left-pads the batch
-(images and clips may be mixed) and runs ONE forward pass, keeping only the last position's
-logits. No generation is involved.
+fallwatch's shipped LLaVA template when the model directory has none), left-pads the batch and
+runs one forward pass per group of items whose prompts are equally long (images of one size, and
+clips), keeping only the last position's logits. No generation is involved. Grouping matters for
+the 7B model: a 640x640 image is a 2968-token prompt and an 8-frame clip 1192, so a mixed batch
+of 4 + 4 in one pass would compute 8 x 2968 positions where grouped passes compute 4 x 2968 +
+4 x 1192 (30% less prefill). ``cloud.group_by_shape: false`` scores any batch in one pass.
 
 Yes/no: tokenizers spell the answer several ways (``▁yes``, ``yes``, ``▁Yes``, ``Yes``, ``YES``,
 byte-level ``Ġyes``...). Every spelling that is a single token of the vocabulary counts. The yes
@@ -75,6 +78,7 @@ class CloudModel:
         self.dtype = model.dtype
         self.question = cfg.question
         self.num_frames = cfg.num_frames
+        self.group_by_shape = cfg.group_by_shape
         self.answers = answer_tokens(self.tokenizer, model_id)
         self._prompts = {kind: self._prompt(kind, cfg.question) for kind in ("image", "video")}
         self._energy = EnergyMeter.for_device(device)
@@ -115,8 +119,9 @@ class CloudModel:
             (images if kind == "image" else videos).append(
                 item if kind == "image" else sample_frames(item, self.num_frames)
             )
-        enc = self.processor(
-            text=prompts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
+        enc = self.processor(  # the torchvision processors resize on the model's device (a GPU's, if any)
+            text=prompts, images=images or None, videos=videos or None, padding=True, return_tensors="pt",
+            device=str(self.device),
         )
         return {k: self._to_device(v) for k, v in enc.items()}
 
@@ -126,9 +131,32 @@ class CloudModel:
         return value.to(self.device)
 
     def score(self, items: Sequence[np.ndarray]) -> CloudScores:
-        """p(fall) for each image or clip, from one forward pass over the whole batch."""
+        """p(fall) for each image or clip, in input order: one forward pass per shape group (or one in
+        all with ``group_by_shape`` off). Wall time and energy cover the whole call."""
+        if len(items) == 0:
+            raise ValueError("CloudModel needs at least one item")
         start = time.perf_counter()
         energy_start = self._energy.read_j()
+        groups = shape_groups(items) if self.group_by_shape else [list(range(len(items)))]
+        yes_no = np.zeros((len(items), 2), dtype=np.float32)
+        prompt_tokens = [0] * len(items)
+        for idx in groups:
+            logits, lengths = self.forward_yes_no([items[i] for i in idx])
+            yes_no[idx] = logits
+            for i, n in zip(idx, lengths):
+                prompt_tokens[i] = n
+        energy_end = self._energy.read_j()
+        p_fall = torch.softmax(torch.from_numpy(yes_no), dim=1)[:, 0].numpy()
+        return CloudScores(
+            p_fall=p_fall.astype(np.float32),
+            yes_no_logits=yes_no,
+            wall_s=time.perf_counter() - start,
+            energy_j=None if energy_start is None or energy_end is None else energy_end - energy_start,
+            prompt_tokens=prompt_tokens,
+        )
+
+    def forward_yes_no(self, items: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """ONE forward pass over the left-padded batch: (B, 2) yes/no logits and each prompt's length."""
         inputs = self.prepare(items)
         mask = inputs["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at 0
@@ -136,15 +164,7 @@ class CloudModel:
             out = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
         logits = out.logits[:, -1, :].float()
         yes_no = torch.stack([self._combine(logits, self.answers.yes), self._combine(logits, self.answers.no)], dim=1)
-        p_fall = torch.softmax(yes_no, dim=1)[:, 0]
-        energy_end = self._energy.read_j()
-        return CloudScores(
-            p_fall=p_fall.cpu().numpy().astype(np.float32),
-            yes_no_logits=yes_no.cpu().numpy().astype(np.float32),
-            wall_s=time.perf_counter() - start,
-            energy_j=None if energy_start is None or energy_end is None else energy_end - energy_start,
-            prompt_tokens=[int(n) for n in mask.sum(dim=1).tolist()],
-        )
+        return yes_no.cpu().numpy().astype(np.float32), [int(n) for n in mask.sum(dim=1).tolist()]
 
     @staticmethod
     def _combine(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
@@ -200,6 +220,17 @@ def item_kind(item: np.ndarray) -> str:
     if item.ndim == 4 and item.shape[0] > 0:
         return "video"
     raise ValueError(f"expected a uint8 HxWx3 image or TxHxWx3 clip, got shape {item.shape}")
+
+
+def shape_groups(items: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of ``items`` grouped so that each group's prompts are equally long: images by height
+    and width (the anyres grid, hence the token count, follows the size), clips all together (every
+    clip is sampled to the same number of frames and resized to one crop). First-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        key = (0,) if item_kind(item) == "video" else (1, *item.shape[:2])
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def sample_frames(clip: np.ndarray, num_frames: int) -> np.ndarray:

@@ -147,6 +147,8 @@ class CloudSettings(Section):
     num_frames: int = Field(8, ge=1, le=64, description="Frames sampled uniformly from a clip.")
     batch_size: int = Field(8, ge=1, le=64, description="Offloads scored in one forward pass.")
     batch_wait_ms: int = Field(50, ge=0, le=10_000, description="Wait this long to fill a batch.")
+    group_by_shape: bool = Field(True, description="Score images of one size and clips in separate forward passes, "
+                                 "so no prompt is padded to a longer one of the other kind.")
     queue: str = Field("cloud", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="RQ queue name.")
     job_timeout_s: int = Field(120, ge=1, le=3600, description="RQ job timeout.")
     retries: int = Field(2, ge=0, le=20, description="RQ retries of a failed job.")

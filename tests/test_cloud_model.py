@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_worker.model import CloudModel, answer_tokens, item_kind, sample_frames
+from cloud_worker.model import CloudModel, answer_tokens, item_kind, sample_frames, shape_groups
 from cloud_worker.tiny import build_processor, build_tokenizer, chat_template, ensure_tiny_llava
 from edge_worker.hub import ModelNotAvailable
 from fallwatch.settings import CloudSettings
@@ -41,15 +41,21 @@ def mixed_items(seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
 
 
-def test_tiny_scores_a_mixed_batch_in_one_pass(cloud: CloudModel) -> None:
-    items = mixed_items()
-    calls = []
-    hook = cloud.model.register_forward_hook(lambda *a: calls.append(1))
+def count_forward_passes(cloud: CloudModel, items: list[np.ndarray]) -> tuple[object, list[int]]:
+    """Score ``items`` and record the batch size of every forward pass of the model."""
+    passes: list[int] = []
+    hook = cloud.model.register_forward_hook(lambda _m, _a, kw, _o: passes.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
     try:
-        scores = cloud.score(items)
+        return cloud.score(items), passes
     finally:
         hook.remove()
-    assert len(calls) == 1
+
+
+def test_tiny_scores_a_mixed_batch_one_pass_per_shape_group(cloud: CloudModel) -> None:
+    items = mixed_items()  # two images of different sizes, two clips
+    scores, passes = count_forward_passes(cloud, items)
+    assert sorted(passes) == [1, 1, 2]  # each image alone, both clips together
     assert scores.p_fall.shape == (4,) and scores.p_fall.dtype == np.float32
     assert np.all((scores.p_fall >= 0) & (scores.p_fall <= 1))
     assert scores.yes_no_logits.shape == (4, 2)
@@ -61,6 +67,28 @@ def test_tiny_scores_a_mixed_batch_in_one_pass(cloud: CloudModel) -> None:
     assert scores.prompt_tokens == [cloud.token_counts(item).prompt for item in items]
 
 
+def test_grouping_off_scores_the_batch_in_one_padded_pass(tiny_root: Path, cloud: CloudModel) -> None:
+    items = mixed_items(3)
+    one_pass = CloudModel.load(cfg(group_by_shape=False), cache_dir=tiny_root)
+    ungrouped, passes = count_forward_passes(one_pass, items)
+    assert passes == [4]
+    grouped = cloud.score(items)
+    np.testing.assert_allclose(grouped.yes_no_logits, ungrouped.yes_no_logits, atol=1e-4)
+    assert grouped.prompt_tokens == ungrouped.prompt_tokens
+
+
+def test_shape_groups_keep_prompts_of_one_length_together(cloud: CloudModel) -> None:
+    rng = np.random.default_rng(4)
+    items = [rng.integers(0, 256, s, dtype=np.uint8) for s in
+             [(480, 640, 3), (8, 64, 64, 3), (480, 640, 3), (640, 640, 3), (3, 100, 120, 3), (480, 640, 3)]]
+    groups = shape_groups(items)
+    assert groups == [[0, 2, 5], [1, 4], [3]]
+    for idx in groups:
+        assert len({cloud.token_counts(items[i]).prompt for i in idx}) == 1
+    with pytest.raises(ValueError, match="at least one item"):
+        cloud.score([])
+
+
 def test_batch_matches_single_items(cloud: CloudModel) -> None:
     items = mixed_items(1)
     batch = cloud.score(items)
@@ -68,6 +96,20 @@ def test_batch_matches_single_items(cloud: CloudModel) -> None:
         single = cloud.score([item])
         np.testing.assert_allclose(single.yes_no_logits[0], batch.yes_no_logits[i], atol=1e-4)
         assert single.prompt_tokens[0] == batch.prompt_tokens[i]
+
+
+def test_preprocessing_runs_on_the_model_device(cloud: CloudModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    real = type(cloud.processor).__call__
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("device"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(cloud.processor), "__call__", spy)
+    enc = cloud.prepare(mixed_items(5))
+    assert seen == ["cpu"]
+    assert enc["pixel_values"].device.type == "cpu" and enc["pixel_values_videos"].device.type == "cpu"
 
 
 def test_yes_no_logits_are_logsumexp_over_spellings(cloud: CloudModel) -> None:
