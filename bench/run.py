@@ -89,8 +89,8 @@ class Suite:
     def cloud(self) -> list[Figure]:
         import bench_cloud
 
-        runs, speedup = bench_cloud.cloud_speedup(self.args.cache, self.args.quick)
-        return bench_cloud.figures(runs, speedup, self.machine)
+        runs, speedup, positions = bench_cloud.cloud_speedup(self.args.cache, self.args.quick)
+        return bench_cloud.figures(runs, speedup, positions, self.machine)
 
 
 def parse_args() -> argparse.Namespace:
