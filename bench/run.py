@@ -83,7 +83,7 @@ class Suite:
 
         runs = bench_e2e.run_e2e(self.args.cache, self.work / "e2e", self.args.quick, self.edge_mode,
                                  self.latency_batch, images=self.args.images,
-                                 step_down=0 if self.args.quick else 3)
+                                 step_down=0 if self.args.quick else 3, step_up=0 if self.args.quick else 2)
         return bench_e2e.figures(runs, self.machine)
 
     def cloud(self) -> list[Figure]:
