@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +31,7 @@ import redis
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import AlertEvent, CloudVerdict, DeadLetter, EdgeVerdict, FinalVerdict, decode
+from tests.helpers import wait_for
 
 REPORT_ENV = "FALLWATCH_FAULT_REPORT"
 
@@ -59,15 +60,6 @@ def role_env(redis_url: str, **settings: object) -> dict[str, str]:
     for name, value in settings.items():
         env[f"FALLWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
     return env
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 60.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return bool(cond())
 
 
 # --- processes -------------------------------------------------------------------------------------

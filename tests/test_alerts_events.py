@@ -13,7 +13,7 @@ from alerts.cli import register
 from alerts.events import CameraAlertState, on_final, on_status, on_tick
 from alerts.service import AlertsService
 from alerts.store import EventNotFound, acknowledge, load_event
-from alerts.testing import FakeClock, edge_verdict, plant, read_all
+from tests.helpers import FakeClock, edge_verdict, plant, read_all
 from fallwatch.keys import Keys
 from fallwatch.schemas import (AlertEvent, CameraState, CameraStatus, Decider, EventKind, EventType,
                                FinalVerdict)

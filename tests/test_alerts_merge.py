@@ -9,7 +9,7 @@ import redis
 
 from alerts.service import AlertsService
 from alerts.stats import read_stats
-from alerts.testing import FakeClock, cloud_verdict, edge_verdict, plant, read_all
+from tests.helpers import FakeClock, cloud_verdict, edge_verdict, plant, read_all
 from fallwatch.keys import Keys
 from fallwatch.schemas import (CameraState, CameraStatus, Decider, DeadLetter, FinalVerdict, SchemaError,
                                decode, encode)

@@ -16,21 +16,12 @@ import pytest
 
 from alerts.notify import Notifier
 from alerts.service import AlertsService
-from alerts.testing import edge_verdict, plant, read_all
+from tests.helpers import edge_verdict, plant, read_all, wait_for
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis, connect
 from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, FinalVerdict
 from fallwatch.settings import Settings
 from fallwatch.webhook import WebhookReceiver
-
-
-def wait_for(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_service_and_notifier_threads_run_until_stopped(redis_url, r, keys) -> None:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from alerts.cli import register
 from alerts.service import AlertsService
 from alerts.stats import bucket_upper_ms, latency_bucket, quantile_ms, read_stats
-from alerts.testing import FakeClock, cloud_verdict, edge_verdict, plant
+from tests.helpers import FakeClock, cloud_verdict, edge_verdict, plant
 from fallwatch.settings import Settings
 
 # (ground truth, prediction, offloaded, latency ms)

@@ -7,7 +7,6 @@ import functools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from fallwatch.cli import HEALTH_CHECKS, app
 from fallwatch.keys import Keys
 from fallwatch.redis import RedisUnavailable, check, connect
 from fallwatch.settings import RedisSettings
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
@@ -175,12 +175,6 @@ def test_example_config_needs_its_variables(monkeypatch):
 # --- split deployment: the care-home Redis command with TLS and the cloud ACL -----------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _site_redis_command(certs: Path, port: int, tls_port: int) -> str:
     """The shell command of the site's redis service, pointed at local certs and ports."""
     svc = yaml.safe_load((COMPOSE / "docker-compose.site.yml").read_text())["services"]["redis"]
@@ -202,7 +196,7 @@ def site_redis():
     acl = yaml.safe_load((COMPOSE / "docker-compose.site.yml").read_text())["services"]["redis"]["environment"]
     env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": "site-pw", "CLOUD_REDIS_PASSWORD": "cloud-pw",
            "REDIS_MAXMEMORY": "64mb", "REDIS_TLS_AUTH_CLIENTS": "optional", "CLOUD_ACL": acl["CLOUD_ACL"]}
-    port, tls_port = _free_port(), _free_port()
+    port, tls_port = free_port(), free_port()
     proc = subprocess.Popen(["sh", "-c", _site_redis_command(work / "tls", port, tls_port)], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     site = redis.Redis(port=port, password="site-pw")

@@ -22,15 +22,14 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from alerts.notify import channel_id
-from alerts.testing import edge_verdict, free_port, plant
+from tests.helpers import edge_verdict, free_port, plant, wait_for
 from edge_worker.worker import OFFLOAD_JOB
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FrameMessage, encode
 from fallwatch.webhook import WebhookReceiver
 from tests.faults import (FaultFigures, Roles, StallingCamera, Tally, Tripwire, dead_letters, events, finals,
-                          frame_ids_in, mpegts_clip, private_redis, record, restart, upstream_repeats, wait_for,
-                          wait_up)
+                          frame_ids_in, mpegts_clip, private_redis, record, restart, upstream_repeats, wait_up)
 from tests.frames import frame_entry, jpeg, push_frames
 from tests.ingest_media import write_mp4, write_yolo
 from tests.test_edge_worker import _bomb

@@ -23,6 +23,7 @@ from fallwatch.schemas import AlertEvent, Decider, EventKind, EventType, FinalVe
 from fallwatch.settings import CloudSettings, EdgeSettings, Settings
 from fallwatch.webhook import WebhookReceiver
 from tests.frames import jpeg
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -120,15 +121,6 @@ def finals(r: redis.Redis, keys: Keys) -> list[FinalVerdict]:
 
 def events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:
     return [decode(f, expect=AlertEvent)[0] for _, f in r.xrange(keys.alerts_stream())]
-
-
-def wait_for(cond, timeout: float = 60.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 def test_frames_in_final_verdicts_out_events_match_planted_falls(settings, r, keys, redis_url, edge_model,

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,12 +12,7 @@ import redis
 
 from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, connect, redact_url
 from fallwatch.settings import RedisSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def pid_alive(pid: int) -> bool:

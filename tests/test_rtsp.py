@@ -4,11 +4,9 @@ a restarted one is reconnected to on its own. Needs ``scripts/install-rtsp.sh``.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from fallwatch.schemas import CameraState, CameraStatus, FrameMessage, decode
 from fallwatch.settings import Settings
 from ingest.camera import run_camera
+from tests.helpers import free_port, wait_for
 
 pytestmark = [pytest.mark.rtsp, pytest.mark.slow]
 
@@ -33,12 +32,6 @@ def _gst_rtsp_available() -> bool:
 
 if not _gst_rtsp_available():
     pytest.skip("GStreamer's RTSP server is not installed (run scripts/install-rtsp.sh)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RtspServer:
@@ -66,15 +59,6 @@ class RtspServer:
         self.proc = None
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def test_rtsp_camera_goes_offline_and_reconnects(settings, keys, r):
     port = free_port()
     server = RtspServer(port, "--user", "viewer", "--password", "Pw-4-rtsp").start()
@@ -94,21 +78,21 @@ def test_rtsp_camera_goes_offline_and_reconnects(settings, keys, r):
 
     try:
         cam.start()
-        wait_for(lambda: frame_count() >= 3, 20, "frames from the RTSP camera")
+        assert wait_for(lambda: frame_count() >= 3, 20), "frames from the RTSP camera"
         msg, images = decode(r.xrange(keys.frames_stream(), count=1)[0][1], FrameMessage)
         assert (msg.camera_id, msg.width, msg.height) == ("door", 320, 240) and images[0][:2] == b"\xff\xd8"
         assert msg.source == f"rtsp://127.0.0.1:{port}/stream"
         assert states()[0].state is CameraState.ONLINE and states()[0].fps == pytest.approx(18, abs=1)
 
         server.kill()
-        wait_for(lambda: states()[-1].state is CameraState.OFFLINE, 15, "the offline status")
+        assert wait_for(lambda: states()[-1].state is CameraState.OFFLINE, 15), "the offline status"
         offline = states()[-1]
         assert offline.reason == f"rtsp://127.0.0.1:{port}/stream ended the stream (server closed or restarted)"
         before = frame_count()
 
         server.start()
-        wait_for(lambda: states()[-1].state is CameraState.ONLINE, 20, "the camera to come back online")
-        wait_for(lambda: frame_count() >= before + 3, 20, "frames after the reconnect")
+        assert wait_for(lambda: states()[-1].state is CameraState.ONLINE, 20), "the camera to come back online"
+        assert wait_for(lambda: frame_count() >= before + 3, 20), "frames after the reconnect"
         assert [s.state for s in states()] == [CameraState.ONLINE, CameraState.OFFLINE, CameraState.ONLINE]
         ids = [decode(f, FrameMessage)[0].frame_id for _, f in r.xrange(keys.frames_stream())]
         assert len(ids) == len(set(ids))
@@ -136,16 +120,16 @@ def test_stalled_rtsp_stream_is_offline_and_recovers(settings, keys, r):
 
     try:
         cam.start()
-        wait_for(lambda: r.xlen(keys.frames_stream()) >= 2, 20, "frames")
+        assert wait_for(lambda: r.xlen(keys.frames_stream()) >= 2, 20), "frames"
         server.proc.send_signal(signal.SIGSTOP)  # the server hangs: TCP stays open, no data
         stalled_at = time.monotonic()
-        wait_for(lambda: states()[-1].state is CameraState.OFFLINE, 10, "the stalled camera to go offline")
+        assert wait_for(lambda: states()[-1].state is CameraState.OFFLINE, 10), "the stalled camera to go offline"
         assert time.monotonic() - stalled_at < 1.5 + 3.0
         reason = states()[-1].reason
         server.proc.send_signal(signal.SIGCONT)
         before = r.xlen(keys.frames_stream())
-        wait_for(lambda: states()[-1].state is CameraState.ONLINE, 20, "recovery after the stall")
-        wait_for(lambda: r.xlen(keys.frames_stream()) > before, 10, "frames after the stall")
+        assert wait_for(lambda: states()[-1].state is CameraState.ONLINE, 20), "recovery after the stall"
+        assert wait_for(lambda: r.xlen(keys.frames_stream()) > before, 10), "frames after the stall"
     finally:
         stop.set()
         cam.join(15)

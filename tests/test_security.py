@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from alerts.testing import edge_verdict, free_port, plant
+from tests.helpers import edge_verdict, free_port, plant, wait_for
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import EventKind
 from fallwatch.settings import Settings
-from tests.faults import Roles, events, fallwatch, finals, role_env, wait_for, wait_up
+from tests.faults import Roles, events, fallwatch, finals, role_env, wait_up
 from tests.ingest_media import write_yolo
 
 pytestmark = pytest.mark.slow

@@ -8,15 +8,7 @@ import time
 import pytest
 
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env
-
-
-def wait_for(cond, timeout: float = 20.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.helpers import wait_for
 
 
 @pytest.mark.slow

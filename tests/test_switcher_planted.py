@@ -7,7 +7,6 @@ find the mistakes; a trained switcher must.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,9 +1,11 @@
-"""Helpers for tests and manual checks of the alerts component: a settable clock, a free port,
-and builders that plant verdicts on the streams."""
+"""Helpers shared by the tests: a free port, polling for a condition, a settable clock, and
+builders that plant verdicts on the streams."""
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -15,6 +17,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 60.0, interval: float = 0.05) -> bool:
+    """Poll ``cond`` until it is truthy or ``timeout`` seconds pass; the last check decides."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
 
 
 @dataclass
