@@ -14,7 +14,8 @@ consumes the outbox with the ``keys.notify_group()`` consumer group:
   crash between sending and acknowledging).
 
 Channels are one class hierarchy (:class:`NotificationChannel`, with a per-camera cooldown);
-:class:`AppriseChannel` sends to one apprise URL. A channel is named by a hash of its URL, so
+:class:`AppriseChannel` sends to one apprise URL. The notifier keeps cooldowns in Redis
+(:class:`RedisCooldowns`), so they hold across notifier restarts and between several notifiers. A channel is named by a hash of its URL, so
 outbox entries, markers and logs never contain the URL, which may hold credentials.
 """
 
@@ -137,28 +138,73 @@ class DeliveryStatus(StrEnum):
     SUPPRESSED = "suppressed"  # within the channel's cooldown for this camera
 
 
+class Cooldowns(ABC):
+    """Where a channel remembers that it is quiet about a camera and event kind."""
+
+    @abstractmethod
+    def active(self, channel: str, note: Delivery) -> bool:
+        """True while the channel is quiet about ``note``'s camera and kind."""
+
+    @abstractmethod
+    def start(self, channel: str, note: Delivery, seconds: float) -> None:
+        """The channel stays quiet about ``note``'s camera and kind for ``seconds`` from now."""
+
+
+class MemoryCooldowns(Cooldowns):
+    """Cooldowns in this process (a channel used on its own, outside a notifier)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self._until: dict[tuple[str, str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def active(self, channel: str, note: Delivery) -> bool:
+        with self._lock:
+            return self.clock() < self._until.get((channel, note.camera_id, note.kind.value), float("-inf"))
+
+    def start(self, channel: str, note: Delivery, seconds: float) -> None:
+        with self._lock:
+            self._until[(channel, note.camera_id, note.kind.value)] = self.clock() + seconds
+
+
+class RedisCooldowns(Cooldowns):
+    """Cooldowns as keys with a TTL (``keys.notify_cooldown``): they survive a notifier restart and
+    are shared by every notifier of the deployment."""
+
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.client, self.keys = client, keys
+
+    def active(self, channel: str, note: Delivery) -> bool:
+        return bool(self.client.exists(self.keys.notify_cooldown(channel, note.camera_id, note.kind.value)))
+
+    def start(self, channel: str, note: Delivery, seconds: float) -> None:
+        key = self.keys.notify_cooldown(channel, note.camera_id, note.kind.value)
+        try:
+            self.client.set(key, note.event_id, px=max(1, int(1000 * seconds)))
+        except redis.RedisError as exc:  # the notification went out; only the quiet period is lost
+            log.warning("cooldown_not_stored", channel=channel, camera=note.camera_id, error=redact_text(str(exc)))
+
+
 class NotificationChannel(ABC):
     """A way to reach caregivers. Subclasses implement :meth:`deliver`; :meth:`send` adds the
     per-camera cooldown (a channel stays quiet about one camera and kind for ``cooldown_s``
-    after a delivery) and turns exceptions into failures, so a broken channel never raises."""
+    after a delivery) and turns exceptions into failures, so a broken channel never raises.
+    Cooldowns live in :attr:`cooldowns`: in this process until a notifier binds them to Redis."""
 
     def __init__(self, name: str, cooldown_s: float = 0.0, clock: Callable[[], float] = time.time):
-        self.name, self.cooldown_s, self.clock = name, cooldown_s, clock
-        self._last_sent: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
+        self.name, self.cooldown_s = name, cooldown_s
+        self.cooldowns: Cooldowns = MemoryCooldowns(clock)
 
     @abstractmethod
     def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
         """Send the notification now; True when the service accepted it."""
 
     def in_cooldown(self, note: Delivery) -> bool:
-        last = self._last_sent.get((note.camera_id, note.kind.value))
-        return self.cooldown_s > 0 and last is not None and self.clock() - last < self.cooldown_s
+        return self.cooldown_s > 0 and self.cooldowns.active(self.name, note)
 
     def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
-        with self._lock:
-            if self.in_cooldown(note):
-                return DeliveryStatus.SUPPRESSED
+        if self.in_cooldown(note):
+            return DeliveryStatus.SUPPRESSED
         try:
             ok = self.deliver(note, attachment)
         except Exception as exc:  # a channel must never take the notifier down
@@ -166,8 +212,8 @@ class NotificationChannel(ABC):
             ok = False
         if not ok:
             return DeliveryStatus.FAILED
-        with self._lock:
-            self._last_sent[(note.camera_id, note.kind.value)] = self.clock()
+        if self.cooldown_s > 0:
+            self.cooldowns.start(self.name, note, self.cooldown_s)
         return DeliveryStatus.DELIVERED
 
 
@@ -278,6 +324,9 @@ class Notifier:
         self.metrics = metrics or AlertsMetrics.create()
         self.cfg = settings.notifications
         self.channels = channels if channels is not None else build_channels(settings)
+        cooldowns = RedisCooldowns(client, keys)
+        for channel in self.channels.values():
+            channel.cooldowns = cooldowns
         self.batch, self.block_ms = batch, block_ms
         self.stream, self.group = keys.notify_outbox_stream(), keys.notify_group()
         self._started = False

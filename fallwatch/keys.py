@@ -104,6 +104,10 @@ class Keys:
         """Marker that a notification of an event went out on a channel (exactly once)."""
         return self._k("delivered", event_id, channel)
 
+    def notify_cooldown(self, channel: str, camera_id: str, kind: str) -> str:
+        """Marker with a TTL: a channel is quiet about one camera and event kind until it expires."""
+        return self._k("notify-cooldown", channel, camera_id, kind)
+
     def stats(self) -> str:
         """Hash: running online-scoring counters (tp/fp/fn/tn, offloads, latency)."""
         return self._k("stats")

@@ -12,10 +12,10 @@ import pytest
 import redis
 import structlog
 
-from alerts.notify import (AppriseChannel, Delivery, DeliveryStatus, NotificationChannel, Notifier, backoff_s,
-                           channel_id, compose)
+from alerts.notify import (AppriseChannel, Delivery, DeliveryStatus, MemoryCooldowns, NotificationChannel, Notifier,
+                           backoff_s, channel_id, compose)
 from alerts.service import AlertsService
-from alerts.testing import FakeClock, edge_verdict, free_port, plant, read_all
+from tests.helpers import FakeClock, edge_verdict, free_port, plant, read_all
 from fallwatch import logging as fw_logging
 from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, DeadLetter, Decider, EventKind, EventType
@@ -174,6 +174,40 @@ def test_channel_cooldown_and_broken_channels(settings, r, keys) -> None:
     assert [d.event_id for d in rec.sent] == ["e1", "e3"]
     assert r.get(keys.delivered("e2", "rec")) == DeliveryStatus.SUPPRESSED.value.encode()
     assert r.xlen(outbox) == 1  # only the failed one is still owed
+
+
+def test_cooldown_is_kept_in_redis_across_notifier_restarts(settings, r, keys) -> None:
+    outbox = keys.notify_outbox_stream()
+    r.xadd(outbox, delivery("e1", "rec").to_fields())
+    first = Recorder("rec", cooldown_s=60)
+    assert Notifier(settings, r, keys, "n1", channels={"rec": first}).step().delivered == 1
+    cooldown = keys.notify_cooldown("rec", "cam1", EventKind.FALL.value)
+    assert r.get(cooldown) == b"e1" and 59_000 < r.pttl(cooldown) <= 60_000
+
+    restarted = Recorder("rec", cooldown_s=60)  # a new process: nothing in memory
+    r.xadd(outbox, delivery("e2", "rec").to_fields())
+    r.xadd(outbox, delivery("e3", "rec", camera="cam2").to_fields())
+    rep = Notifier(settings, r, keys, "n2", channels={"rec": restarted}).step()
+    assert (rep.delivered, rep.suppressed) == (1, 1)
+    assert [d.event_id for d in restarted.sent] == ["e3"]
+
+    r.delete(cooldown)  # the quiet period is over
+    r.xadd(outbox, delivery("e4", "rec").to_fields())
+    assert Notifier(settings, r, keys, "n3", channels={"rec": restarted}).step().delivered == 1
+
+
+def test_a_channel_on_its_own_keeps_cooldowns_in_memory() -> None:
+    clock = FakeClock()
+    rec = Recorder("rec", cooldown_s=30)
+    rec.cooldowns = MemoryCooldowns(clock)
+    assert rec.send(delivery("e1", "rec")) is DeliveryStatus.DELIVERED
+    clock.advance(29)
+    assert rec.send(delivery("e2", "rec")) is DeliveryStatus.SUPPRESSED
+    assert rec.send(delivery("e3", "rec", camera="cam2")) is DeliveryStatus.DELIVERED
+    clock.advance(2)
+    assert rec.send(delivery("e4", "rec")) is DeliveryStatus.DELIVERED
+    assert [d.event_id for d in rec.sent] == ["e1", "e3", "e4"]
+    assert Recorder("quiet", cooldown_s=0).send(delivery("e5", "quiet")) is DeliveryStatus.DELIVERED
 
 
 def test_bad_outbox_entries_are_dead_lettered(settings, r, keys) -> None:
