@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path("~/.cache/fallwatch/bench").expanduser()
 FULL_VILT_RECIPE = {"model": "vilt-b32-vqa-random", "version": 1, "seed": 0}
 QUESTION = "Is the person falling?"
+# CPU features that decide the edge's best mode: AMX makes bf16 GEMMs several times faster, VNNI
+# speeds up int8 (on AVX-512 BF16 without AMX, int8 won; with AMX, bf16 did: docs/benchmarks.md).
+MATRIX_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,14 @@ class Machine:
     torch: str
     python: str
     git: str
+    isa: str = ""  # torch's CPU capability and the matrix flags present, e.g. "AVX512; amx_bf16 avx512_bf16"
 
     @classmethod
     def here(cls) -> "Machine":
         import torch
 
-        return cls(cpu_model(), os.cpu_count() or 1, torch.__version__, platform.python_version(), git_revision())
+        return cls(cpu_model(), os.cpu_count() or 1, torch.__version__, platform.python_version(), git_revision(),
+                   f"{torch.backends.cpu.get_cpu_capability()}; {' '.join(cpu_flags(MATRIX_FLAGS)) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,18 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: Sequence[str]) -> list[str]:
+    """Those of ``wanted`` that /proc/cpuinfo lists for the first CPU (empty where it does not exist)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return []
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in wanted if f in have]
+    return []
 
 
 def git_revision() -> str:

@@ -143,7 +143,8 @@ def main() -> None:
 def markdown(figures: list[Figure], machine: Machine, quick: bool) -> str:
     lines = [
         "# fallwatch benchmark results", "",
-        f"{time.strftime('%Y-%m-%d %H:%M')} · {machine.cpu} · {machine.cores} cores · torch {machine.torch} · "
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {machine.cpu} ({machine.isa}) · {machine.cores} cores · "
+        f"torch {machine.torch} · "
         f"Python {machine.python} · git {machine.git} · {'quick' if quick else 'full'} run · "
         f"load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}", "",
         "| figure | value | target | holds | load average (1, 5, 15 min) |", "|---|---|---|---|---|",
