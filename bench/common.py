@@ -60,25 +60,24 @@ class Figure:
         return data
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in /proc/cpuinfo ("" where it or the file does not exist)."""
     info = Path("/proc/cpuinfo")
     if info.exists():
         for line in info.read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags(wanted: Sequence[str]) -> list[str]:
-    """Those of ``wanted`` that /proc/cpuinfo lists for the first CPU (empty where it does not exist)."""
-    info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return []
-    for line in info.read_text().splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in wanted if f in have]
-    return []
+    """Those of ``wanted`` that /proc/cpuinfo lists for the first CPU."""
+    have = set(cpuinfo("flags").split())
+    return [f for f in wanted if f in have]
 
 
 def git_revision() -> str:
