@@ -43,7 +43,7 @@ def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, f
     return body
 
 
-def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
+def run_service(ctx: typer.Context, name: str | None, notify: bool, mqtt: bool = True) -> None:
     from alerts.notify import Notifier  # noqa: PLC0415 - keeps `fallwatch --help` fast
     from alerts.service import ROLE, AlertsService  # noqa: PLC0415
     from fallwatch.metrics import start_role  # noqa: PLC0415
@@ -67,6 +67,15 @@ def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
                     typer.secho(f"notifications: {exc}", fg="red", err=True)
                     raise typer.Exit(2) from None
                 workers.append(("notifier", notifier.run))
+            if mqtt and settings.mqtt.enabled:
+                from alerts.mqtt import MqttBridge  # noqa: PLC0415
+
+                try:
+                    bridge = MqttBridge(settings, handle.client, keys)
+                except (OSError, ValueError) as exc:  # unreadable CA, certificate or key
+                    typer.secho(f"mqtt: {exc}", fg="red", err=True)
+                    raise typer.Exit(2) from None
+                workers.append(("mqtt", bridge.run))
             threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
                        for label, fn in workers]
             for t in threads:
@@ -146,10 +155,12 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         name: Annotated[Optional[str], typer.Option(help="Consumer name (default: host and pid).")] = None,
         notify: Annotated[bool, typer.Option("--notify/--no-notify", help="Also deliver notifications.")] = True,
+        mqtt: Annotated[bool, typer.Option("--mqtt/--no-mqtt",
+                                           help="Also run the MQTT bridge (when mqtt.host is set).")] = True,
     ) -> None:
         """Run the alerts service (Ctrl-C or SIGTERM stops it cleanly)."""
         if ctx.invoked_subcommand is None:
-            run_service(ctx, name, notify)
+            run_service(ctx, name, notify, mqtt)
 
     @alerts_app.command("tail")
     def tail_command(

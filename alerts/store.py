@@ -162,7 +162,7 @@ class EventStore:
 
 
 def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen: int,
-                clock: Callable[[], float] = time.time) -> AlertEvent:
+                clock: Callable[[], float] = time.time, source: str = "cli") -> AlertEvent:
     """Mark an event acknowledged and publish an ``update``. Idempotent; raises EventNotFound."""
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
@@ -176,13 +176,15 @@ def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen:
                     pipe.unwatch()
                     return current
                 active = pipe.hget(key, "active") == b"1"
-                event = AlertEvent.model_validate({**current.model_dump(), "type": EventType.UPDATE,
-                                                   "at": clock(), "acknowledged": True, "acknowledged_by": by})
+                at = clock()
+                event = AlertEvent.model_validate({**current.model_dump(), "type": EventType.UPDATE, "at": at,
+                                                   "acknowledged": True, "acknowledged_by": by,
+                                                   "ack_source": source, "acknowledged_at": at})
                 pipe.multi()
                 write_event(pipe, keys, event, active=active, maxlen=maxlen)
                 pipe.execute()
                 break
             except redis.WatchError:
                 continue
-    log.info("alert_acknowledged", event_id=event_id, by=by)
+    log.info("alert_acknowledged", event_id=event_id, by=by, source=source)
     return event

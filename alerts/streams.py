@@ -33,10 +33,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` (and the stream) reading from the beginning; no-op if it exists."""
+def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> None:
+    """Create ``group`` on ``stream`` (and the stream) reading from ``start_id`` (default: the
+    beginning; ``$``: only new entries); no-op if it exists."""
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xgroup_create(stream, group, id=start_id, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise

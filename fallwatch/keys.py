@@ -127,6 +127,23 @@ class Keys:
         """A plain counter (e.g. frames dropped by MAXLEN)."""
         return self._k("count", name)
 
+    # --- MQTT bridge ---------------------------------------------------------------------
+    def mqtt_group(self) -> str:
+        """Consumer group of the MQTT bridge on the alerts stream."""
+        return "mqtt"
+
+    def mqtt_state(self) -> str:
+        """Hash: per camera, the fall event the MQTT bridge last published as open."""
+        return self._k("mqtt", "state")
+
+    def mqtt_event(self, event_id: str) -> str:
+        """The event as last published on MQTT (the next message's ``before``), with a TTL."""
+        return self._k("mqtt", "event", event_id)
+
+    def mqtt_cameras(self) -> str:
+        """Set: cameras whose Home Assistant discovery configs are published."""
+        return self._k("mqtt", "cameras")
+
     # --- RQ ------------------------------------------------------------------------------
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""

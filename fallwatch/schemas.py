@@ -173,6 +173,8 @@ class AlertEvent(Message):
     acknowledged: bool = False
     acknowledged_by: str | None = None
     description: str | None = None
+    ack_source: str | None = None
+    acknowledged_at: float | None = None
 
 
 class CameraStatus(Message):

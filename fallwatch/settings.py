@@ -193,6 +193,39 @@ class LoggingSettings(Section):
     format: Literal["auto", "json", "console"] = Field("auto", description="auto: pretty on a TTY, JSON otherwise.")
 
 
+class MqttSettings(Section):
+    """MQTT bridge of the alerts service (Home Assistant and other MQTT consumers)."""
+
+    host: str | None = Field(None, min_length=1, max_length=253,
+                             description="Broker host name or address. Empty: no MQTT bridge.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (usually 1883, or 8883 with TLS).")
+    username: str | None = Field(None, min_length=1, max_length=200, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password. Secret.")
+    client_id: str = Field("", max_length=100, description="MQTT client id; empty: the prefix, host name and pid.")
+    tls: bool = Field(False, description="Connect with TLS (implied by ca_certs).")
+    ca_certs: Path | None = Field(None, description="CA bundle that signed the broker's certificate.")
+    certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    keyfile: Path | None = Field(None, description="Client key for mutual TLS.")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    topic_prefix: str = Field("fallwatch", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_./-]+$",
+                              description="First level of every topic fallwatch publishes and subscribes to.")
+    discovery: bool = Field(True, description="Publish Home Assistant MQTT discovery configs.")
+    discovery_prefix: str = Field("homeassistant", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_./-]+$",
+                                  description="Home Assistant's discovery prefix.")
+    site_id: str = Field("fallwatch", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                         description="Id of this site's Home Assistant device (part of every unique id).")
+    site_name: str = Field("fallwatch", min_length=1, max_length=200, description="Name of the site's device.")
+    stats_period_s: float = Field(60.0, ge=0.2, le=86400, description="Period of fallwatch/stats.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive; the broker sends the will after 1.5x.")
+    publish_timeout_s: float = Field(10.0, gt=0, le=300, description="Wait this long for a broker's PUBACK.")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="First reconnect delay.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Largest reconnect delay.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None
+
+
 class Settings(BaseSettings):
     """The root of fallwatch's configuration."""
 
@@ -214,6 +247,7 @@ class Settings(BaseSettings):
     notifications: NotificationSettings = Field(default_factory=NotificationSettings, description="Caregiver notifications.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics and heartbeats.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT bridge and Home Assistant discovery.")
 
     @field_validator("cameras")
     @classmethod

@@ -25,6 +25,8 @@ def test_key_formats_are_pinned() -> None:
     assert k.counter("frames_dropped") == "fw:count:frames_dropped"
     assert k.cloud_queue() == "fw-cloud"
     assert (k.edge_group(), k.alerts_group()) == ("edge", "alerts")
+    assert (k.mqtt_group(), k.mqtt_state(), k.mqtt_cameras()) == ("mqtt", "fw:mqtt:state", "fw:mqtt:cameras")
+    assert k.mqtt_event("abc") == "fw:mqtt:event:abc"
 
 
 def test_default_prefix() -> None:
