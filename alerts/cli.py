@@ -73,7 +73,9 @@ def run_service(ctx: typer.Context, name: str | None, notify: bool, mqtt: bool =
                 try:
                     bridge = MqttBridge(settings, handle.client, keys)
                 except (OSError, ValueError) as exc:  # unreadable CA, certificate or key
-                    typer.secho(f"mqtt: {exc}", fg="red", err=True)
+                    m = settings.mqtt
+                    files = ", ".join(str(f) for f in (m.ca_certs, m.certfile, m.keyfile) if f)
+                    typer.secho(f"mqtt: cannot load the TLS files ({files}): {exc}", fg="red", err=True)
                     raise typer.Exit(2) from None
                 workers.append(("mqtt", bridge.run))
             threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from alerts.mqtt_topics import Topics
+from fallwatch import __version__
 from fallwatch.settings import MqttSettings
 
-ORIGIN = {"name": "fallwatch", "support_url": "https://github.com/fallwatch/fallwatch"}
+ORIGIN = {"name": "fallwatch", "sw_version": __version__}
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def unique_id(cfg: MqttSettings, *parts: str) -> str:
 
 def device(cfg: MqttSettings) -> dict[str, Any]:
     return {"identifiers": [unique_id(cfg)], "name": cfg.site_name, "manufacturer": "fallwatch",
-            "model": "fall detection"}
+            "model": "fall detection", "sw_version": __version__}
 
 
 def _common(cfg: MqttSettings, uid: str, name: str) -> dict[str, Any]:

@@ -16,8 +16,21 @@ from typing import Any
 
 from tests.helpers import free_port, wait_for
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 ROOT = Path(__file__).resolve().parents[1]
+INSTALL = ROOT / "scripts/install-mosquitto.sh"
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
+
+
+def ensure_installed() -> str | None:
+    """The broker binary, installed with scripts/install-mosquitto.sh (apt) when it is missing."""
+    found = mosquitto_binary()
+    if found is None and shutil.which("apt-get"):
+        subprocess.run(["bash", str(INSTALL)], capture_output=True, timeout=600)
+        found = mosquitto_binary()
+    return found
 
 
 def make_certs(folder: Path) -> Path:
@@ -63,7 +76,9 @@ class Mosquitto:
         return self.folder / "mosquitto.db"
 
     def start(self) -> "Mosquitto":
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+        binary = mosquitto_binary()
+        assert binary is not None, "mosquitto is not installed (scripts/install-mosquitto.sh)"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         if not wait_for(self._listening, 20):
             raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log()[-2000:]}")

@@ -22,16 +22,21 @@ from alerts.store import EventStore, load_event
 from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, Decider, EventType, FinalVerdict
 from fallwatch.settings import Settings
 from tests.helpers import FakeClock, wait_for
-from tests.mosquitto import MOSQUITTO, Mosquitto, Observer, retained
+from tests.mosquitto import Mosquitto, Observer, ensure_installed, retained
 
-pytestmark = [pytest.mark.mqtt, pytest.mark.skipif(not os.access(MOSQUITTO, os.X_OK),
-                                                    reason="mosquitto missing: run scripts/install-test-deps.sh")]
+pytestmark = pytest.mark.mqtt
 
 USER, PASSWORD = "fallwatch", "pw-Zq81-secret"
 ROOM = {"id": "cam1", "name": "Room 12", "url": "file:///dev/null"}
 HALL = {"id": "cam2", "name": "Hall", "url": "file:///dev/null"}
 REQUIRED = {"binary_sensor": {"state_topic"}, "button": {"command_topic"}, "sensor": {"state_topic"}}
 COMMON = {"name", "unique_id", "device", "availability_topic", "payload_available", "payload_not_available"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mosquitto_installed() -> None:
+    if ensure_installed() is None:
+        pytest.skip("mosquitto is not installed and could not be (run scripts/install-mosquitto.sh)")
 
 
 @pytest.fixture
@@ -269,3 +274,36 @@ def test_garbage_on_command_topics_changes_nothing_and_the_bridge_goes_on(redis_
         assert wait_for(lambda: obs.last("fallwatch/cam2/online") == b"OFF")
     assert load_event(r, keys, ev.event_id).acknowledged_by == "after the garbage"
     assert r.xlen(keys.alerts_stream()) == entries + 2  # the one acknowledgement and the camera going offline
+
+
+def test_events_written_while_no_bridge_runs_are_published_by_the_next_one(redis_url, r, keys, broker) -> None:
+    settings = make_settings(redis_url, broker)
+    store = EventStore(r, keys, settings, FakeClock())
+    with observing(broker) as obs:
+        with bridge_running(settings, r, keys):
+            assert wait_for(lambda: ready(obs), 20)
+        assert wait_for(lambda: obs.last("fallwatch/available") == b"offline")  # a clean stop says so
+        ev = start_fall(store, "cam2", 1_700_000_000.0)
+        with bridge_running(settings, r, keys):
+            assert wait_for(lambda: obs.json_on("fallwatch/events") and obs.last("fallwatch/cam2/fall") == b"ON", 20)
+            assert wait_for(lambda: _all_published(r, keys), 20)
+        assert [(m["type"], m["after"]["id"]) for m in obs.json_on("fallwatch/events")] == [("new", ev.event_id)]
+    assert r.hgetall(keys.mqtt_state()) == {b"cam2": ev.event_id.encode()}
+
+
+def test_mqtt_settings_are_checked_and_the_password_never_shown(tmp_path, redis_url) -> None:
+    from fallwatch.settings import ConfigError, read_yaml  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="protocol"):
+        Settings(mqtt={"host": "broker", "protocol": "4"})
+    cfg = Settings(mqtt={"host": "broker", "username": "u", "password": PASSWORD})
+    assert PASSWORD not in json.dumps(cfg.redacted()) and cfg.mqtt.enabled and not Settings().mqtt.enabled
+    literal = tmp_path / "c.yaml"
+    literal.write_text(f"mqtt:\n  host: broker\n  password: {PASSWORD}\n")
+    with pytest.raises(ConfigError, match="mqtt.password"):
+        read_yaml(literal, {})
+    missing_ca = {**os.environ, "FALLWATCH_REDIS__URL": redis_url, "FALLWATCH_MQTT__HOST": "127.0.0.1",
+                  "FALLWATCH_MQTT__CA_CERTS": str(tmp_path / "nope.crt"), "FALLWATCH_METRICS__ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-m", "fallwatch", "alerts", "--no-notify"], env=missing_ca,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "mqtt:" in done.stderr and "Traceback" not in done.stderr, done.stderr
