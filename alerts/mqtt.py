@@ -13,6 +13,9 @@ Published (prefix ``mqtt.topic_prefix``, see :class:`alerts.mqtt_topics.Topics`)
 Received: ``<p>/<camera>/ack/set`` and ``<p>/events/<id>/ack/set`` acknowledge through
 :func:`alerts.store.acknowledge` with source ``mqtt``.
 
+One bridge per deployment is connected: every alerts process runs one, and the one holding a
+lease in Redis (:class:`fallwatch.lease.Lease`) connects; another takes over when it dies.
+
 Delivery: the bridge reads the alerts stream with its own consumer group, so the stream is its
 outbox. An entry is handed to the MQTT client once (QoS 1) and acknowledged in Redis when the
 broker has acknowledged every message made from it; meanwhile the client keeps it across
@@ -43,6 +46,7 @@ from alerts.stats import read_stats
 from alerts.store import EVENT_TTL_S, EventNotFound, acknowledge
 from alerts.streams import Entry, ack, ensure_group, read_group, read_own_pending
 from fallwatch.keys import Keys
+from fallwatch.lease import Lease
 from fallwatch.logging import redact_text
 from fallwatch.schemas import AlertEvent, EventKind, EventType, SchemaError, decode
 from fallwatch.settings import MqttSettings, Settings
@@ -54,6 +58,7 @@ EVENT_TYPES = {EventType.START: "new", EventType.UPDATE: "update", EventType.END
 MAX_COMMAND_BYTES = 1024
 ACK_WORDS = {"", "PRESS", "ACK", "ON"}
 CONSUMER = "bridge"
+LEASE_POLL_S = 1.0
 LAST_KEPT = 1000
 
 
@@ -131,9 +136,10 @@ class Link:
         self.client.connect_async(self.cfg.host or "", self.cfg.port, self.cfg.keepalive_s, **kw)
         self.client.loop_start()
 
-    def stop(self, timeout_s: float = 2.0) -> None:
-        """Publish ``offline`` (a clean stop), disconnect and end the network thread."""
-        if self.connected.is_set():
+    def stop(self, timeout_s: float = 2.0, announce: bool = True) -> None:
+        """Publish ``offline`` (a clean stop; not when another process takes over), disconnect and
+        end the network thread."""
+        if announce and self.connected.is_set():
             self.wait({self.publish(self.topics.available(), "offline", retain=True)}, timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
@@ -230,25 +236,27 @@ class MqttBridge:
         self.handed: list[Handed] = []
         self._synced = 0
         self._next_stats = 0.0
-        self._loaded = False
+        self._leading = False
+        ttl = max(10.0, 4 * self.cfg.publish_timeout_s)  # longer than the longest step
+        self.lease = Lease(client, keys.mqtt_lease(), f"{socket.gethostname()}-{os.getpid()}-{id(self):x}", ttl)
 
     # --- set-up and loop ---------------------------------------------------------------------
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group, start_id="$")  # a new bridge skips history
-        if not self._loaded:
-            self.falls = {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.mqtt_state()).items()}
-            self._loaded = True
 
     def run(self, stop: threading.Event) -> None:
+        """Bridge while this process holds the lease (one bridge per deployment), until ``stop``."""
         log.info("mqtt_bridge_started", broker=f"{self.cfg.host}:{self.cfg.port}", prefix=self.cfg.topic_prefix)
-        self.link.start()
         delay, ready = 0.1, False
         while not stop.is_set():
             try:
                 if not ready:
                     self.setup()
                     ready = True
-                self.step()
+                if self.lead():
+                    self.step()
+                else:
+                    stop.wait(LEASE_POLL_S)
                 delay = 0.1
             except redis.RedisError as exc:
                 log.warning("mqtt_bridge_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
@@ -256,12 +264,30 @@ class MqttBridge:
                 delay, ready = min(delay * 2, 5.0), False
         self.close()
 
+    def lead(self) -> bool:
+        """Take or renew the lease; connect on taking it, disconnect (without ``offline``) on losing it."""
+        held = self.lease.hold()
+        if held and not self._leading:
+            self.falls = {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.mqtt_state()).items()}
+            self.last.clear()
+            self.link.start()
+            log.info("mqtt_lease_taken", holder=self.lease.holder)
+        elif not held and self._leading:
+            self.handed.clear()  # the new holder publishes what is still unacknowledged
+            self.link.stop(announce=False)
+            log.warning("mqtt_lease_lost", holder=self.lease.owner())
+        self._leading = held
+        return held
+
     def close(self) -> None:
-        try:
-            self._settle(min(2.0, self.cfg.publish_timeout_s))
-        except redis.RedisError:
-            pass  # unacknowledged entries are published by the next run
-        self.link.stop()
+        if self._leading:
+            try:
+                self._settle(min(2.0, self.cfg.publish_timeout_s))
+                self.lease.release()
+            except redis.RedisError:
+                pass  # unacknowledged entries are published by the next holder
+            self.link.stop()
+            self._leading = False
         log.info("mqtt_bridge_stopped")
 
     def step(self) -> None:

@@ -144,6 +144,10 @@ class Keys:
         """Set: cameras whose Home Assistant discovery configs are published."""
         return self._k("mqtt", "cameras")
 
+    def mqtt_lease(self) -> str:
+        """Lease: the one alerts process whose MQTT bridge is connected (its client id)."""
+        return self._k("mqtt", "lease")
+
     # --- RQ ------------------------------------------------------------------------------
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""

@@ -27,6 +27,7 @@ def test_key_formats_are_pinned() -> None:
     assert (k.edge_group(), k.alerts_group()) == ("edge", "alerts")
     assert (k.mqtt_group(), k.mqtt_state(), k.mqtt_cameras()) == ("mqtt", "fw:mqtt:state", "fw:mqtt:cameras")
     assert k.mqtt_event("abc") == "fw:mqtt:event:abc"
+    assert k.mqtt_lease() == "fw:mqtt:lease"
 
 
 def test_default_prefix() -> None:

@@ -68,18 +68,27 @@ def make_settings(redis_url: str, b: Mosquitto, cameras: list[dict[str, str]] | 
                     mqtt=mqtt_settings(b, **mqtt))
 
 
+class Running:
+    """A bridge in a thread, as the alerts process runs it."""
+
+    def __init__(self, settings: Settings, r: Any, keys: Any):
+        self.bridge, self.stop_event = MqttBridge(settings, r, keys, block_ms=50), threading.Event()
+        self.thread = threading.Thread(target=self.bridge.run, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
 @contextmanager
 def bridge_running(settings: Settings, r: Any, keys: Any) -> Iterator[MqttBridge]:
-    stop = threading.Event()
-    bridge = MqttBridge(settings, r, keys, block_ms=50)
-    thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
-    thread.start()
+    running = Running(settings, r, keys)
     try:
-        yield bridge
+        yield running.bridge
     finally:
-        stop.set()
-        thread.join(15)
-    assert not thread.is_alive()
+        running.stop()
 
 
 @contextmanager
@@ -307,3 +316,28 @@ def test_mqtt_settings_are_checked_and_the_password_never_shown(tmp_path, redis_
     done = subprocess.run([sys.executable, "-m", "fallwatch", "alerts", "--no-notify"], env=missing_ca,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "mqtt:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_of_two_alerts_processes_one_bridge_is_connected_and_the_other_takes_over(redis_url, r, keys,
+                                                                                  broker) -> None:
+    settings = make_settings(redis_url, broker)
+    store = EventStore(r, keys, settings, FakeClock())
+    with observing(broker) as obs:
+        first = Running(settings, r, keys)
+        try:
+            assert wait_for(lambda: ready(obs), 20)
+            with bridge_running(settings, r, keys) as second:
+                assert wait_for(lambda: r.pttl(keys.mqtt_lease()) > 0) and second.lease.owner() == first.bridge.lease.holder
+                one = start_fall(store, "cam1", 1_700_000_000.0)
+                assert wait_for(lambda: _all_published(r, keys) and obs.json_on("fallwatch/events"), 20)
+                assert first.bridge.link.connected.is_set() and not second.link.connected.is_set()
+                first.stop()  # a clean stop gives the lease up
+                assert wait_for(lambda: second.link.connected.is_set() and ready(obs), 20)
+                two = start_fall(store, "cam2", 1_700_000_001.0)
+                assert wait_for(lambda: len(obs.json_on("fallwatch/events")) >= 2 and _all_published(r, keys), 20)
+                assert wait_for(lambda: obs.last("fallwatch/cam2/fall") == b"ON")
+        finally:
+            first.stop()
+        ids = [m["after"]["id"] for m in obs.json_on("fallwatch/events")]
+    assert ids == [one.event_id, two.event_id]
+    assert retained(broker, ["fallwatch/+/fall"], 2) == {"fallwatch/cam1/fall": b"ON", "fallwatch/cam2/fall": b"ON"}
