@@ -240,6 +240,11 @@ class MqttBridge:
         ttl = max(10.0, 4 * self.cfg.publish_timeout_s)  # longer than the longest step
         self.lease = Lease(client, keys.mqtt_lease(), f"{socket.gethostname()}-{os.getpid()}-{id(self):x}", ttl)
 
+    @property
+    def synced(self) -> bool:
+        """Connected, and the retained states are out since the latest connection."""
+        return self.link.connected.is_set() and self._synced == self.link.generation
+
     # --- set-up and loop ---------------------------------------------------------------------
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group, start_id="$")  # a new bridge skips history
@@ -477,7 +482,6 @@ class MqttBridge:
 
 def _ignored(topic: str, reason: str) -> None:
     log.warning("mqtt_command_ignored", topic=topic[:300], reason=reason)
-    return None
 
 
 def _on_off(value: bool) -> str:

@@ -28,7 +28,7 @@ def ensure_installed() -> str | None:
     """The broker binary, installed with scripts/install-mosquitto.sh (apt) when it is missing."""
     found = mosquitto_binary()
     if found is None and shutil.which("apt-get"):
-        subprocess.run(["bash", str(INSTALL)], capture_output=True, timeout=600)
+        subprocess.run(["bash", str(INSTALL)], capture_output=True, timeout=600, check=False)
         found = mosquitto_binary()
     return found
 
@@ -75,7 +75,7 @@ class Mosquitto:
     def db(self) -> Path:
         return self.folder / "mosquitto.db"
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = mosquitto_binary()
         assert binary is not None, "mosquitto is not installed (scripts/install-mosquitto.sh)"
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
@@ -138,7 +138,7 @@ class Observer:
         with self._lock:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
 
-    def start(self) -> "Observer":
+    def start(self) -> Observer:
         self.client.connect_async("127.0.0.1", self.broker.port, 5)
         self.client.loop_start()
         assert self.subscribed.wait(20), "observer did not subscribe"

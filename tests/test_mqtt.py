@@ -20,7 +20,7 @@ import pytest
 from alerts.mqtt import MqttBridge
 from alerts.store import EventStore, load_event
 from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, Decider, EventType, FinalVerdict
-from fallwatch.settings import Settings
+from fallwatch.settings import ConfigError, Settings, read_yaml
 from tests.helpers import FakeClock, wait_for
 from tests.mosquitto import Mosquitto, Observer, ensure_installed, retained
 
@@ -301,8 +301,6 @@ def test_events_written_while_no_bridge_runs_are_published_by_the_next_one(redis
 
 
 def test_mqtt_settings_are_checked_and_the_password_never_shown(tmp_path, redis_url) -> None:
-    from fallwatch.settings import ConfigError, read_yaml  # noqa: PLC0415
-
     with pytest.raises(ValueError, match="protocol"):
         Settings(mqtt={"host": "broker", "protocol": "4"})
     cfg = Settings(mqtt={"host": "broker", "username": "u", "password": PASSWORD})
@@ -314,7 +312,7 @@ def test_mqtt_settings_are_checked_and_the_password_never_shown(tmp_path, redis_
     missing_ca = {**os.environ, "FALLWATCH_REDIS__URL": redis_url, "FALLWATCH_MQTT__HOST": "127.0.0.1",
                   "FALLWATCH_MQTT__CA_CERTS": str(tmp_path / "nope.crt"), "FALLWATCH_METRICS__ENABLED": "false"}
     done = subprocess.run([sys.executable, "-m", "fallwatch", "alerts", "--no-notify"], env=missing_ca,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "mqtt:" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
@@ -327,7 +325,8 @@ def test_of_two_alerts_processes_one_bridge_is_connected_and_the_other_takes_ove
         try:
             assert wait_for(lambda: ready(obs), 20)
             with bridge_running(settings, r, keys) as second:
-                assert wait_for(lambda: r.pttl(keys.mqtt_lease()) > 0) and second.lease.owner() == first.bridge.lease.holder
+                assert wait_for(lambda: r.pttl(keys.mqtt_lease()) > 0)
+                assert second.lease.owner() == first.bridge.lease.holder
                 one = start_fall(store, "cam1", 1_700_000_000.0)
                 assert wait_for(lambda: _all_published(r, keys) and obs.json_on("fallwatch/events"), 20)
                 assert first.bridge.link.connected.is_set() and not second.link.connected.is_set()
@@ -341,3 +340,20 @@ def test_of_two_alerts_processes_one_bridge_is_connected_and_the_other_takes_ove
         ids = [m["after"]["id"] for m in obs.json_on("fallwatch/events")]
     assert ids == [one.event_id, two.event_id]
     assert retained(broker, ["fallwatch/+/fall"], 2) == {"fallwatch/cam1/fall": b"ON", "fallwatch/cam2/fall": b"ON"}
+
+
+def test_retained_states_are_published_again_after_a_broker_lost_them(redis_url, r, keys, broker) -> None:
+    settings = make_settings(redis_url, broker)
+    store = EventStore(r, keys, settings, FakeClock())
+    with bridge_running(settings, r, keys) as bridge:
+        assert wait_for(lambda: bridge.link.connected.is_set(), 20)
+        ev = start_fall(store, "cam1", 1_700_000_000.0)
+        assert wait_for(lambda: _all_published(r, keys) and r.hget(keys.mqtt_state(), "cam1") == ev.event_id.encode())
+        broker.stop(signal.SIGKILL)  # no persistence: every retained message is gone
+        assert wait_for(lambda: not bridge.link.connected.is_set(), 20)
+        broker.start()
+        assert wait_for(lambda: bridge.link.generation == 2 and bridge.synced, 20)
+        states = retained(broker, ["fallwatch/+/fall", "fallwatch/available", "homeassistant/#"], 10)
+    assert {t: states[t] for t in ("fallwatch/cam1/fall", "fallwatch/cam2/fall", "fallwatch/available")} == {
+        "fallwatch/cam1/fall": b"ON", "fallwatch/cam2/fall": b"OFF", "fallwatch/available": b"online"}
+    assert len([t for t in states if t.startswith("homeassistant/")]) == 7
