@@ -130,8 +130,10 @@ class Link:
         self._cond = threading.Condition()
         self._acked: set[int] = set()
         self._forgotten: set[int] = set()
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         kw: dict[str, Any] = {"clean_start": True} if self.v5 else {}
         self.client.connect_async(self.cfg.host or "", self.cfg.port, self.cfg.keepalive_s, **kw)
         self.client.loop_start()
@@ -141,6 +143,7 @@ class Link:
         end the network thread."""
         if announce and self.connected.is_set():
             self.wait({self.publish(self.topics.available(), "offline", retain=True)}, timeout_s)
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -179,7 +182,7 @@ class Link:
         with self._cond:
             self._cond.notify_all()
         if was:
-            log.warning("mqtt_disconnected", broker=self._broker(), reason=str(reason))
+            (log.info if self._stopping else log.warning)("mqtt_disconnected", broker=self._broker(), reason=str(reason))
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         try:
