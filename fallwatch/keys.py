@@ -127,6 +127,10 @@ class Keys:
         """A plain counter (e.g. frames dropped by MAXLEN)."""
         return self._k("count", name)
 
+    def escalations(self) -> str:
+        """Sorted set: fall events awaiting their next escalation tier, scored by due time."""
+        return self._k("escalations")
+
     # --- RQ ------------------------------------------------------------------------------
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""
