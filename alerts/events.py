@@ -16,11 +16,12 @@ Order
     verdicts that contains it, so a late cloud verdict counts as if it had arrived on time. The
     history keeps ``cloud_timeout_s + quiet_s`` of capture time (at most ``HISTORY_MAX`` or 2n
     verdicts), enough for any verdict the merge step can still produce. A verdict captured
-    before a previous event's logical end (``last fall + quiet_s``) cannot start a new event:
-    stragglers of a resolved event are absorbed by its cooldown.
+    before a resolved event's cooldown ends (``resolved_at + cooldown_s``) cannot start a new
+    event: stragglers of a resolved event are absorbed by its cooldown.
 
 Times
-    Quiet and cooldown are measured on the capture timeline; the timer compares the wall clock
+    Quiet and cooldown are measured on the capture timeline (a resolve's cooldown starts at its
+    wall-clock time, which is where live cameras' capture times are); the timer compares the wall clock
     with the last fall's capture time. The moment a fall is no longer seen is ``last fall +
     quiet_s``, whichever of the two notices it.
 

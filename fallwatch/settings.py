@@ -218,7 +218,8 @@ class AlertsSettings(Section):
     debounce_k: int = Field(2, ge=1, le=100, description="k fall verdicts ...")
     debounce_n: int = Field(3, ge=1, le=1000, description="... within n frames start an event.")
     cooldown_s: float = Field(60.0, ge=0, le=86400, description="No new event on a camera for this long after one.")
-    quiet_s: float = Field(30.0, gt=0, le=86400, description="An event ends after this long without falls.")
+    quiet_s: float = Field(30.0, gt=0, le=86400,
+                           description="After this long without falls a fall event is marked no longer seen (it stays open).")
     stream_maxlen: int = Field(100_000, ge=100, le=100_000_000, description="Approximate MAXLEN of the alerts stream.")
     escalation: list[EscalationTier] = Field(
         default_factory=list, max_length=10,
