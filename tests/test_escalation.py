@@ -21,7 +21,14 @@ from alerts.notify import Delivery, Notifier, channel_id
 from alerts.service import AlertsService
 from alerts.store import BadTransition, EventNotFound, acknowledge, load_event, resolve
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, EventKind, EventOutcome, EventType
+from fallwatch.schemas import (
+    AlertEvent,
+    CameraState,
+    CameraStatus,
+    EventKind,
+    EventOutcome,
+    EventType,
+)
 from fallwatch.settings import ConfigError, Settings, load_settings
 from fallwatch.status import gather, render
 from fallwatch.webhook import WebhookReceiver
@@ -257,8 +264,8 @@ def test_resolving_a_camera_offline_event_and_offline_events_still_end_by_themse
 
 
 def test_resolve_command_and_status(cfg, r, keys, clock, redis_url):
-    from fallwatch.cli import app
     from alerts.cli import register
+    from fallwatch.cli import app
 
     if "alerts" not in {g.name for g in app.registered_groups}:
         register(app)
@@ -298,7 +305,7 @@ def alerts_process(config, name: str, env: dict) -> subprocess.Popen:
 
 def test_alerts_killed_while_a_tier_is_due_fires_it_once_after_restart(redis_url, r, keys, tmp_path):
     config = tmp_path / "fallwatch.yaml"
-    tiers = [{"name": "carers", "after_s": 0, "urls": [ROOM_URL]}, {"name": "shift lead", "after_s": 6, "urls": [LEAD_URL]}]
+    tiers = [{"name": "carers", "after_s": 0, "urls": [ROOM_URL]}, {"name": "shift lead", "after_s": 12, "urls": [LEAD_URL]}]
     config.write_text(yaml.safe_dump({"alerts": {"escalation": tiers, "quiet_s": 300},
                                       "metrics": {"enabled": False, "heartbeat_s": 0.5},
                                       "cameras": [{"id": "room12", "url": "rtsp://cam.local/12"}]}))
@@ -313,8 +320,8 @@ def test_alerts_killed_while_a_tier_is_due_fires_it_once_after_restart(redis_url
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert tier_updates(r, keys, 2) == []  # killed before the tier was due
-        [(member, due)] = r.zrange(keys.escalations(), 0, -1, withscores=True)
-        assert due == pytest.approx(t_fall + 6)
+        [(_, due)] = r.zrange(keys.escalations(), 0, -1, withscores=True)
+        assert due == pytest.approx(t_fall + 12)
         assert wait_for(lambda: time.time() > due + 0.5, 30)
         assert tier_updates(r, keys, 2) == []  # nobody running: due but not fired, and not lost
         procs += [alerts_process(config, f"alerts-{i}", env) for i in (2, 3)]  # the restart, twice over

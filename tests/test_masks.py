@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from ingest_media import index_frame, read_index, write_mp4
 from PIL import Image
 
 from fallwatch.schemas import FrameMessage, decode
 from fallwatch.settings import ConfigError, MaskSettings, Settings, load_settings
-from helpers import wait_for
 from ingest.camera import run_camera
 from ingest.masks import FILL, OUTLINE, Masker, region
-from ingest_media import index_frame, read_index, write_mp4
+from tests.helpers import wait_for
 
 BED = {"kind": "ignore", "name": "bed", "points": [[0.05, 0.05], [0.45, 0.05], [0.45, 0.35], [0.05, 0.35]]}
 DOOR = {"kind": "privacy", "name": "bathroom", "points": [[0.6, 0.0], [0.95, 0.0], [0.95, 0.35], [0.7, 0.35]]}
