@@ -223,7 +223,8 @@ class NotificationChannel(ABC):
         """Send the notification now; True when the service accepted it."""
 
     def in_cooldown(self, note: Delivery) -> bool:
-        return self.cooldown_s > 0 and self.cooldowns.active(self.name, note)
+        """An escalation (tier 2 and up) of a fall nobody took is never held back by the cooldown."""
+        return self.cooldown_s > 0 and note.tier <= 1 and self.cooldowns.active(self.name, note)
 
     def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
         if self.in_cooldown(note):

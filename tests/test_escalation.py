@@ -183,11 +183,12 @@ def test_several_alerts_processes_fire_a_due_tier_once(cfg, r, keys, clock, redi
         c.close()
 
 
-def test_every_tier_is_delivered_even_to_a_channel_of_an_earlier_tier(redis_url, r, keys, clock):
+def test_every_tier_is_delivered_even_to_a_channel_of_an_earlier_tier_within_its_cooldown(redis_url, r, keys, clock):
     with WebhookReceiver() as hook:
         tiers = [{"name": "carers", "after_s": 0, "urls": [hook.url()]},
                  {"name": "everyone", "after_s": 60, "urls": [hook.url()]}]
         cfg = Settings(redis={"url": redis_url}, alerts={"escalation": tiers},
+                       notifications={"cooldown_s": 3600},  # holds back repeats, never an escalation
                        cameras=[{"id": "room12", "name": "Room 12", "url": "rtsp://cam.local/12"}])
         svc = AlertsService(cfg, r, keys, name="a", clock=clock)
         notifier = Notifier(cfg, r, keys, "n")
