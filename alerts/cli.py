@@ -1,4 +1,4 @@
-"""``fallwatch alerts``: the service (plain command), ``tail``, ``ack`` and ``stats``."""
+"""``fallwatch alerts``: the service (plain command), ``tail``, ``ack``, ``resolve`` and ``stats``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import structlog
 import typer
 
 from fallwatch.context import app_context
+from fallwatch.schemas import EventOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -26,8 +27,19 @@ def format_event(ev: Any) -> str:
         parts.append(f"by {ev.decided_by.value}")
     if ev.acknowledged:
         parts.append(f"acknowledged by {ev.acknowledged_by or '?'}")
+    parts += _latch_parts(ev)
     parts.append(f"event {ev.event_id}")
     return "  ".join(parts)
+
+
+def _latch_parts(ev: Any) -> list[str]:
+    """Escalation tier, whether the fall is still seen, and the outcome, where the event has them."""
+    parts = [f"tier {ev.escalation_tier}/{ev.escalation_tiers}"] if ev.escalation_tier else []
+    if ev.still_seen is False:
+        parts.append("no longer seen")
+    if ev.outcome is not None:
+        parts.append(f"resolved {ev.outcome.value} by {ev.resolved_by or '?'}")
+    return parts
 
 
 def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, failed: list[str],
@@ -137,6 +149,25 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
     typer.echo(format_event(ev))
 
 
+def resolve_cmd(ctx: typer.Context, event_id: str, outcome: EventOutcome, by: str, note: str) -> None:
+    from alerts.store import BadTransition, EventNotFound, resolve  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    cfg = actx.settings.alerts
+    with RedisHandle(actx.settings.redis) as handle:
+        try:
+            ev = resolve(handle.client, actx.keys, event_id, by, outcome, cfg.stream_maxlen, note=note,
+                         cooldown_s=cfg.cooldown_s)
+        except EventNotFound:
+            typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except BadTransition as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(format_event(ev))
+
+
 def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
     from alerts.stats import format_stats, read_stats  # noqa: PLC0415
     from fallwatch.redis import RedisHandle  # noqa: PLC0415
@@ -181,6 +212,17 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Acknowledge an alert event (publishes an update)."""
         acknowledge_cmd(ctx, event_id, by)
+
+    @alerts_app.command("resolve")
+    def resolve_command(
+        ctx: typer.Context,
+        event_id: Annotated[str, typer.Argument(help="Event id (from tail, status or a notification).")],
+        outcome: Annotated[EventOutcome, typer.Option("--outcome", help="What it was.")],
+        by: Annotated[str, typer.Option("--by", help="Who resolves.")] = "cli",
+        note: Annotated[str, typer.Option("--note", help="Free text kept on the event.")] = "",
+    ) -> None:
+        """Close an open event with its outcome (acknowledging it too); publishes its end."""
+        resolve_cmd(ctx, event_id, outcome, by, note)
 
     @alerts_app.command("stats")
     def stats_command(

@@ -2,10 +2,12 @@
 
 Fall events
     ``alerts.debounce_k`` fall verdicts among ``alerts.debounce_n`` consecutive final verdicts
-    (consecutive in capture order) start an event; each further fall verdict updates it; the
-    event ends once ``alerts.quiet_s`` pass without a fall (checked on every verdict and by a
-    timer); after the end no new event starts on that camera for ``alerts.cooldown_s``, and
-    falls captured during the cooldown do not count towards the next event's debounce.
+    (consecutive in capture order) start an event; each further fall verdict updates it. A fall
+    event latches: once ``alerts.quiet_s`` pass without a fall (checked on every verdict and by a
+    timer) the event is marked no longer seen (an ``update`` with ``still_seen`` false and
+    ``seen_until``), not ended; a later fall marks it seen again. Only a person ends it, with
+    ``alerts.store.resolve`` (:func:`on_resolve`). After that no new event starts on that camera
+    for ``alerts.cooldown_s``, and falls captured before then do not count towards the next one.
 
 Order
     Final verdicts can arrive out of capture order: an offloaded frame is decided seconds after
@@ -14,13 +16,14 @@ Order
     verdicts that contains it, so a late cloud verdict counts as if it had arrived on time. The
     history keeps ``cloud_timeout_s + quiet_s`` of capture time (at most ``HISTORY_MAX`` or 2n
     verdicts), enough for any verdict the merge step can still produce. A verdict captured
-    before a previous event's logical end (``last fall + quiet_s``) cannot start a new event:
-    stragglers of an ended event are absorbed by its cooldown.
+    before a resolved event's cooldown ends (``resolved_at + cooldown_s``) cannot start a new
+    event: stragglers of a resolved event are absorbed by its cooldown.
 
 Times
-    Quiet and cooldown are measured on the capture timeline; the timer compares the wall clock
-    with the last fall's capture time. The logical end of an event is ``last fall + quiet_s``,
-    whichever of the two notices it.
+    Quiet and cooldown are measured on the capture timeline (a resolve's cooldown starts at its
+    wall-clock time, which is where live cameras' capture times are); the timer compares the wall clock
+    with the last fall's capture time. The moment a fall is no longer seen is ``last fall +
+    quiet_s``, whichever of the two notices it.
 
 Camera offline
     ``CameraStatus`` offline starts a ``camera_offline`` event, online ends it.
@@ -68,6 +71,7 @@ class CameraAlertState(BaseModel):
     last_fall_at: float = 0.0
     cooldown_until: float = 0.0
     offline_event: str | None = None
+    fall_unseen: bool = False
 
     @property
     def active(self) -> bool:
@@ -86,6 +90,8 @@ class Step:
     decided_by: Decider | None = None
     frame_ids: tuple[str, ...] = ()
     description: str | None = None
+    seen: bool | None = None  # fall updates: True, seen (again); False, no longer seen
+    seen_until: float | None = None  # with seen False: capture time of the last fall seen
 
 
 Transition = tuple[CameraAlertState, list[Step]]
@@ -127,12 +133,16 @@ def _start(falls: tuple[Observation, ...]) -> Step:
                 decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls))
 
 
-def _end(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
+def _unseen(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
+    """The models stopped seeing the fall: say so on the event, which stays open."""
     assert state.fall_event is not None
-    ended_at = state.last_fall_at + cfg.quiet_s
-    step = Step(EventType.END, EventKind.FALL, state.fall_event, at=ended_at)
-    new = state.model_copy(update={"fall_event": None, "cooldown_until": ended_at + cfg.cooldown_s})
-    return new, [step]
+    step = Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=state.last_fall_at + cfg.quiet_s,
+                seen=False, seen_until=state.last_fall_at)
+    return state.model_copy(update={"fall_unseen": True}), [step]
+
+
+def _quiet(state: CameraAlertState, t: float, cfg: AlertsSettings) -> bool:
+    return state.fall_event is not None and not state.fall_unseen and t - state.last_fall_at > cfg.quiet_s
 
 
 def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings) -> Transition:
@@ -143,12 +153,12 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
     history, i = _insert(state.history, obs)
     state = state.model_copy(update={"history": history})
     steps: list[Step] = []
-    if state.fall_event is not None and obs.at - state.last_fall_at > cfg.quiet_s:
-        state, steps = _end(state, cfg)
+    if _quiet(state, obs.at, cfg):
+        state, steps = _unseen(state, cfg)
     if state.fall_event is not None and obs.fall:
         steps.append(Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
-                          decided_by=obs.by, frame_ids=(obs.frame_id,)))
-        state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at)})
+                          decided_by=obs.by, frame_ids=(obs.frame_id,), seen=True))
+        state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at), "fall_unseen": False})
     elif state.fall_event is None and obs.fall and obs.at >= state.cooldown_until:
         falls = hit_window(history, i, cfg.debounce_k, cfg.debounce_n, since=state.cooldown_until)
         if falls is not None:
@@ -160,10 +170,20 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
 
 
 def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transition:
-    """End a fall event that has been quiet for ``quiet_s`` of wall-clock time."""
-    if state.fall_event is not None and now - state.last_fall_at > cfg.quiet_s:
-        return _end(state, cfg)
+    """Mark a fall event no longer seen once it has been quiet for ``quiet_s`` of wall-clock time."""
+    if _quiet(state, now, cfg):
+        return _unseen(state, cfg)
     return state, []
+
+
+def on_resolve(state: CameraAlertState, event_id: str, at: float, cooldown_s: float) -> CameraAlertState:
+    """A person closed ``event_id`` at ``at``: the camera can start a new event after ``cooldown_s``."""
+    if state.fall_event == event_id:
+        until = max(state.cooldown_until, at + cooldown_s)
+        return state.model_copy(update={"fall_event": None, "fall_unseen": False, "cooldown_until": until})
+    if state.offline_event == event_id:
+        return state.model_copy(update={"offline_event": None})
+    return state
 
 
 def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:

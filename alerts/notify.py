@@ -70,6 +70,12 @@ class Delivery(BaseModel):
     body: str
     frame_id: str | None = None
     created_at: float = Field(default_factory=now)
+    tier: int = Field(0, ge=0, description="Escalation tier of a fall notification (0: not a fall).")
+
+    @property
+    def marker_id(self) -> str:
+        """What the ``delivered`` marker is named after: each tier of an event is delivered once."""
+        return self.event_id if self.tier <= 1 else f"{self.event_id}:tier{self.tier}"
 
     def to_fields(self) -> dict[bytes, bytes]:
         return {OUTBOX_FIELD: self.model_dump_json().encode()}
@@ -110,8 +116,21 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def tier_text(event: AlertEvent) -> str:
+    """Which escalation tier a fall notification is, and how long the fall has been open."""
+    name = f" ({event.escalation_name})" if event.escalation_name else ""
+    waiting = ", not acknowledged" if event.escalation_tier > 1 else ""
+    return (f" Tier {event.escalation_tier} of {max(event.escalation_tiers, event.escalation_tier)}{name}: "
+            f"open for {_duration(event.at - event.started_at)}{waiting}.")
+
+
 def compose(event: AlertEvent) -> tuple[str, str]:
-    """Title and body of the notification of an event's start."""
+    """Title and body of the notification of an event's start or of one of its escalation tiers."""
     name = event.camera_name or event.camera_id
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
@@ -120,6 +139,10 @@ def compose(event: AlertEvent) -> tuple[str, str]:
     by = DECIDER_TEXT.get(event.decided_by, "unknown model") if event.decided_by else "unknown model"
     body = (f"Possible fall on camera {name} at {_when(event.started_at)}. "
             f"Confidence {conf}, decided by the {by}. Event {event.event_id}.")
+    if event.escalation_tier:
+        body += tier_text(event)
+    if event.escalation_tier > 1:
+        return f"Fall not acknowledged (tier {event.escalation_tier}): {name}", body
     return f"Fall detected: {name}", body
 
 
@@ -200,7 +223,8 @@ class NotificationChannel(ABC):
         """Send the notification now; True when the service accepted it."""
 
     def in_cooldown(self, note: Delivery) -> bool:
-        return self.cooldown_s > 0 and self.cooldowns.active(self.name, note)
+        """An escalation (tier 2 and up) of a fall nobody took is never held back by the cooldown."""
+        return self.cooldown_s > 0 and note.tier <= 1 and self.cooldowns.active(self.name, note)
 
     def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
         if self.in_cooldown(note):
@@ -280,7 +304,7 @@ class AppriseChannel(NotificationChannel):
 def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     """Every channel named in the settings (global and per-camera URLs), by name."""
     n: NotificationSettings = cfg.notifications
-    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify]
+    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify] + cfg.escalation_urls()
     channels: dict[str, NotificationChannel] = {}
     for url in urls:
         name = channel_id(url.get_secret_value())
@@ -393,7 +417,7 @@ class Notifier:
         channel = self.channels.get(note.channel)
         if channel is None:
             return self._dead(entry, "unknown_channel", f"channel {note.channel} is not configured any more")
-        marker = self.keys.delivered(note.event_id, note.channel)
+        marker = self.keys.delivered(note.marker_id, note.channel)
         if self.client.exists(marker):
             self._finish(entry)
             return "skipped"

@@ -1,5 +1,6 @@
 """Alert events in Redis: per-camera state transitions, event records, the alerts stream and
-channel, the notification outbox, and acknowledgements.
+channel, the notification outbox, acknowledgements and resolutions (a person closing an event
+with an outcome: the only way a fall event ends). Escalation tiers are in ``alerts.escalation``.
 
 A camera's transition is one optimistic transaction (WATCH the camera state and the events it
 touches, then MULTI/EXEC): the new state, the event records, the XADDs to the alerts stream and
@@ -16,10 +17,11 @@ from typing import Any
 import redis
 import structlog
 
-from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_status, on_tick
-from alerts.notify import deliveries_for
+from alerts.escalation import Escalator, queue_start, start_tier
+from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_resolve, on_status,
+                           on_tick)
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, CameraStatus, EventType, FinalVerdict, encode
+from fallwatch.schemas import AlertEvent, CameraStatus, EventKind, EventOutcome, EventType, FinalVerdict, encode
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -29,6 +31,10 @@ EVENT_TTL_S = 30 * 86400
 
 class EventNotFound(KeyError):
     """No event with this id (never existed, or expired)."""
+
+
+class BadTransition(ValueError):
+    """The event is not in a state that allows this (e.g. resolving an event that has ended)."""
 
 
 def camera_name(settings: Settings, camera_id: str) -> str:
@@ -67,20 +73,31 @@ def _merged_confidence(current: AlertEvent, step: Step) -> tuple[float | None, A
     return step.confidence, step.decided_by
 
 
+def _seen(step: Step, current: AlertEvent | None) -> dict[str, Any]:
+    """still_seen / seen_until of a fall event after ``step``."""
+    if step.kind is not EventKind.FALL:
+        return {}
+    if step.type is EventType.START or step.seen:
+        return {"still_seen": True, "seen_until": None}
+    if step.seen is False:
+        return {"still_seen": False, "seen_until": step.seen_until}
+    return {} if current is None else {"still_seen": current.still_seen, "seen_until": current.seen_until}
+
+
 def build_event(step: Step, current: AlertEvent | None, camera_id: str, name: str) -> AlertEvent:
     """The AlertEvent for a lifecycle step, carrying over the event's state (ack, frames)."""
     if step.type is EventType.START or current is None:
         return AlertEvent(
             event_id=step.event_id, type=step.type, kind=step.kind, camera_id=camera_id, camera_name=name,
             started_at=step.at, at=step.at, confidence=step.confidence, decided_by=step.decided_by,
-            frame_ids=list(step.frame_ids)[-EVENT_FRAMES_MAX:], description=step.description,
+            frame_ids=list(step.frame_ids)[-EVENT_FRAMES_MAX:], description=step.description, **_seen(step, None),
         )
     confidence, decided_by = _merged_confidence(current, step)
     frames = current.frame_ids + [f for f in step.frame_ids if f not in current.frame_ids]
     return AlertEvent.model_validate({
         **current.model_dump(), "type": step.type, "at": step.at, "confidence": confidence,
         "decided_by": decided_by, "frame_ids": frames[-EVENT_FRAMES_MAX:],
-        "description": step.description or current.description,
+        "description": step.description or current.description, **_seen(step, current),
     })
 
 
@@ -91,6 +108,7 @@ class EventStore:
                  clock: Callable[[], float] = time.time):
         self.client, self.keys, self.settings, self.clock = client, keys, settings, clock
         self.cfg = settings.alerts
+        self.escalator = Escalator(client, keys, settings, clock)
 
     def apply_final(self, verdict: FinalVerdict) -> list[AlertEvent]:
         return self.transact(verdict.camera_id, lambda s: on_final(s, verdict, self.cfg))
@@ -99,19 +117,19 @@ class EventStore:
         return self.transact(status.camera_id, lambda s: on_status(s, status))
 
     def tick(self) -> list[AlertEvent]:
-        """End fall events that have been quiet long enough, on every camera with an active event."""
+        """Mark fall events quiet long enough as no longer seen (every camera with an active event),
+        then fire the escalation tiers that are due."""
         now = self.clock()
         events: list[AlertEvent] = []
         for raw in self.client.smembers(self.keys.alert_cameras()):
             events += self.transact(raw.decode(), lambda s: on_tick(s, now, self.cfg))
-        return events
+        return events + self.escalator.fire_due()
 
     def state(self, camera_id: str) -> CameraAlertState:
         return self._load_state(self.client, camera_id)
 
     def _load_state(self, client: Any, camera_id: str) -> CameraAlertState:
-        raw = client.hget(self.keys.camera_state(camera_id), "state")
-        return CameraAlertState.model_validate_json(raw) if raw is not None else CameraAlertState()
+        return load_state(client, self.keys, camera_id)
 
     def transact(self, camera_id: str, fn: Callable[[CameraAlertState], Transition]) -> list[AlertEvent]:
         """Run one transition of a camera atomically; retried when a watched key changes."""
@@ -145,7 +163,7 @@ class EventStore:
             if step.type is not EventType.START:
                 pipe.watch(self.keys.event(step.event_id))
                 current = load_event(pipe, self.keys, step.event_id)
-            events.append(build_event(step, current, camera_id, name))
+            events.append(start_tier(build_event(step, current, camera_id, name), self.settings))
         return events
 
     def _queue_writes(self, pipe: Any, camera_id: str, state: CameraAlertState, events: list[AlertEvent]) -> None:
@@ -153,17 +171,22 @@ class EventStore:
         for ev in events:
             write_event(pipe, self.keys, ev, active=ev.type is not EventType.END, maxlen=self.cfg.stream_maxlen)
             if ev.type is EventType.START:
-                for delivery in deliveries_for(ev, self.settings):
-                    pipe.xadd(self.keys.notify_outbox_stream(), delivery.to_fields())
+                queue_start(pipe, self.keys, ev, self.settings)
         if state.active:
             pipe.sadd(self.keys.alert_cameras(), camera_id)
         else:
             pipe.srem(self.keys.alert_cameras(), camera_id)
 
 
+def load_state(client: Any, keys: Keys, camera_id: str) -> CameraAlertState:
+    raw = client.hget(keys.camera_state(camera_id), "state")
+    return CameraAlertState.model_validate_json(raw) if raw is not None else CameraAlertState()
+
+
 def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen: int,
                 clock: Callable[[], float] = time.time, source: str = "cli") -> AlertEvent:
-    """Mark an event acknowledged and publish an ``update``. Idempotent; raises EventNotFound."""
+    """Mark an event acknowledged and publish an ``update``; its escalation stops. Idempotent;
+    raises EventNotFound."""
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
         while True:
@@ -178,13 +201,64 @@ def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen:
                 active = pipe.hget(key, "active") == b"1"
                 at = clock()
                 event = AlertEvent.model_validate({**current.model_dump(), "type": EventType.UPDATE, "at": at,
-                                                   "acknowledged": True, "acknowledged_by": by,
-                                                   "ack_source": source, "acknowledged_at": at})
+                                                   **_ack_fields(by, at, source), "next_escalation_at": None})
                 pipe.multi()
                 write_event(pipe, keys, event, active=active, maxlen=maxlen)
+                pipe.zrem(keys.escalations(), event_id)
                 pipe.execute()
                 break
             except redis.WatchError:
                 continue
     log.info("alert_acknowledged", event_id=event_id, by=by, source=source)
     return event
+
+
+def _ack_fields(by: str, at: float, source: str) -> dict[str, Any]:
+    return {"acknowledged": True, "acknowledged_by": by, "acknowledged_at": at, "ack_source": source}
+
+
+def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: EventOutcome | str, maxlen: int,
+            note: str = "", source: str = "cli", *, cooldown_s: float = 0.0,
+            clock: Callable[[], float] = time.time) -> AlertEvent:
+    """Close an open event with a person's ``outcome`` and publish its ``end`` (acknowledging it too,
+    if nobody had). The camera may start a new fall event ``cooldown_s`` after this. Raises
+    EventNotFound for an unknown id and BadTransition for an event that has already ended."""
+    outcome, key = EventOutcome(outcome), keys.event(event_id)
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                current = load_event(pipe, keys, event_id)
+                if current is None:
+                    raise EventNotFound(event_id)
+                if pipe.hget(key, "active") != b"1":
+                    raise BadTransition(f"event {event_id} has already ended")
+                event = _resolved(current, by, outcome, note, source, clock())
+                _queue_resolve(pipe, keys, event, maxlen, cooldown_s)
+                break
+            except redis.WatchError:
+                continue
+    log.info("alert_resolved", event_id=event_id, by=by, outcome=outcome.value, source=source)
+    return event
+
+
+def _resolved(current: AlertEvent, by: str, outcome: EventOutcome, note: str, source: str, at: float) -> AlertEvent:
+    ack = {} if current.acknowledged else _ack_fields(by, at, source)
+    return AlertEvent.model_validate({
+        **current.model_dump(), "type": EventType.END, "at": at, **ack, "outcome": outcome,
+        "outcome_note": note or None, "resolved_by": by, "resolved_at": at, "next_escalation_at": None,
+    })
+
+
+def _queue_resolve(pipe: Any, keys: Keys, event: AlertEvent, maxlen: int, cooldown_s: float) -> None:
+    """WATCH the camera's state, then in one MULTI: the end event, the state freed, the escalation dropped."""
+    state_key = keys.camera_state(event.camera_id)
+    pipe.watch(state_key)
+    state = on_resolve(load_state(pipe, keys, event.camera_id), event.event_id, event.at, cooldown_s)
+    pipe.multi()
+    write_event(pipe, keys, event, active=False, maxlen=maxlen)
+    pipe.hset(state_key, mapping={"state": state.model_dump_json(), "camera_id": event.camera_id})
+    if not state.active:
+        pipe.srem(keys.alert_cameras(), event.camera_id)
+    pipe.zrem(keys.escalations(), event.event_id)
+    pipe.execute()

@@ -148,6 +148,11 @@ class Keys:
         """Lease: the one alerts process whose MQTT bridge is connected (its client id)."""
         return self._k("mqtt", "lease")
 
+    # --- escalation ----------------------------------------------------------------------
+    def escalations(self) -> str:
+        """Sorted set: fall events awaiting their next escalation tier, scored by due time."""
+        return self._k("escalations")
+
     # --- RQ ------------------------------------------------------------------------------
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""

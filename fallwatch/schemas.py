@@ -74,6 +74,14 @@ class EventKind(StrEnum):
     CAMERA_OFFLINE = "camera_offline"
 
 
+class EventOutcome(StrEnum):
+    """How a person closed an event."""
+
+    CONFIRMED_FALL = "confirmed_fall"
+    FALSE_ALARM = "false_alarm"
+    NOT_SURE = "not_sure"
+
+
 class CameraState(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
@@ -175,6 +183,16 @@ class AlertEvent(Message):
     description: str | None = None
     ack_source: str | None = None
     acknowledged_at: float | None = None
+    outcome: EventOutcome | None = None
+    outcome_note: str | None = None
+    resolved_by: str | None = None
+    resolved_at: float | None = None
+    still_seen: bool | None = Field(None, description="Fall events: do the models still see the fall?")
+    seen_until: float | None = Field(None, description="Capture time of the last fall seen, once no longer seen.")
+    escalation_tier: int = Field(0, ge=0, description="Fall events: the last tier notified (1 = at once).")
+    escalation_tiers: int = Field(0, ge=0, description="How many tiers the camera has.")
+    escalation_name: str | None = Field(None, description="Name of the last tier notified.")
+    next_escalation_at: float | None = Field(None, description="When the next tier is due unless acknowledged.")
 
 
 class CameraStatus(Message):

@@ -95,6 +95,54 @@ class IngestSettings(Section):
     clip: ClipSettings = Field(default_factory=ClipSettings, description="Clip mode defaults.")
 
 
+class MaskSettings(Section):
+    """A polygon of one camera's picture, in normalised coordinates (0..1 of width and height)."""
+
+    kind: Literal["ignore", "privacy"] = Field(
+        ..., description="ignore: filled before any model sees the frame (a bed, a sofa); "
+        "privacy: filled before the frame is encoded, so its pixels never leave the camera process.")
+    points: list[tuple[float, float]] = Field(..., min_length=3, max_length=64,
+                                               description="Polygon corners [x, y], each within [0, 1].")
+    name: str = Field("", max_length=100, description="What the region is, e.g. 'bed'.")
+
+    @field_validator("points")
+    @classmethod
+    def _inside_and_not_degenerate(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        bad = [p for p in points if not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0)]
+        if bad:
+            raise ValueError(f"points must lie within the frame, [0, 1] x [0, 1]; outside: {bad[:3]}")
+        if polygon_area(points) <= 1e-9:
+            raise ValueError("polygon has no area (points repeated or on one line)")
+        return points
+
+
+def polygon_area(points: list[tuple[float, float]]) -> float:
+    """Area of a simple polygon (shoelace formula), in units of the frame's area."""
+    n = len(points)
+    twice = sum(points[i][0] * points[(i + 1) % n][1] - points[(i + 1) % n][0] * points[i][1] for i in range(n))
+    return abs(twice) / 2
+
+
+class EscalationTier(Section):
+    """Who is notified of a fall nobody has acknowledged, and when."""
+
+    name: str = Field(..., min_length=1, max_length=100, description="Who this tier is, e.g. 'shift lead'.")
+    after_s: float = Field(..., ge=0, le=86400, description="Seconds after the fall began; the first tier must be 0.")
+    urls: list[SecretStr] = Field(default_factory=list, description="apprise URLs of this tier. Secret.")
+
+
+def check_tiers(tiers: list[EscalationTier] | None) -> list[EscalationTier] | None:
+    """Tiers in strictly increasing ``after_s``, the first notified at once."""
+    if not tiers:
+        return tiers
+    if tiers[0].after_s != 0:
+        raise ValueError("the first escalation tier is notified at once: give it after_s: 0")
+    times = [t.after_s for t in tiers]
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"escalation tiers need strictly increasing after_s, got {times}")
+    return tiers
+
+
 class CameraSettings(Section):
     id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="Camera id.")
     name: str = Field("", max_length=200, description="Human name, e.g. 'Room 12'. Defaults to the id.")
@@ -106,6 +154,15 @@ class CameraSettings(Section):
     clip: ClipSettings | None = Field(None, description="Override of ingest.clip.")
     agreement_threshold: float | None = Field(None, ge=0, le=1, description="Override of switcher threshold.")
     notify: list[SecretStr] = Field(default_factory=list, description="Extra apprise URLs for this camera.")
+    masks: list[MaskSettings] = Field(default_factory=list, max_length=32,
+                                      description="Ignore and privacy polygons, applied in ingest before encoding.")
+    escalation: list[EscalationTier] | None = Field(None, max_length=10,
+                                                    description="Override of alerts.escalation for this camera.")
+
+    @field_validator("escalation")
+    @classmethod
+    def _tiers(cls, tiers: list[EscalationTier] | None) -> list[EscalationTier] | None:
+        return check_tiers(tiers)
 
     @property
     def display_name(self) -> str:
@@ -161,8 +218,17 @@ class AlertsSettings(Section):
     debounce_k: int = Field(2, ge=1, le=100, description="k fall verdicts ...")
     debounce_n: int = Field(3, ge=1, le=1000, description="... within n frames start an event.")
     cooldown_s: float = Field(60.0, ge=0, le=86400, description="No new event on a camera for this long after one.")
-    quiet_s: float = Field(30.0, gt=0, le=86400, description="An event ends after this long without falls.")
+    quiet_s: float = Field(30.0, gt=0, le=86400,
+                           description="After this long without falls a fall event is marked no longer seen (it stays open).")
     stream_maxlen: int = Field(100_000, ge=100, le=100_000_000, description="Approximate MAXLEN of the alerts stream.")
+    escalation: list[EscalationTier] = Field(
+        default_factory=list, max_length=10,
+        description="Fall notification tiers until someone acknowledges; empty: one tier, notifications.urls at once.")
+
+    @field_validator("escalation")
+    @classmethod
+    def _tiers(cls, tiers: list[EscalationTier] | None) -> list[EscalationTier] | None:
+        return check_tiers(tiers)
 
     @model_validator(mode="after")
     def _k_within_n(self) -> "AlertsSettings":
@@ -285,6 +351,19 @@ class Settings(BaseSettings):
             if getattr(cam, k) is not None
         }
         return self.ingest.model_copy(update=overrides)
+
+    def escalation_for(self, camera_id: str) -> list[EscalationTier]:
+        """The escalation tiers of a camera: its own, else ``alerts.escalation``."""
+        try:
+            own = self.camera(camera_id).escalation
+        except KeyError:
+            own = None
+        return own if own is not None else self.alerts.escalation
+
+    def escalation_urls(self) -> list[SecretStr]:
+        """Every apprise URL named by an escalation tier (site-wide or a camera's)."""
+        tiers = self.alerts.escalation + [t for cam in self.cameras for t in cam.escalation or []]
+        return [url for tier in tiers for url in tier.urls]
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, every secret replaced by '**********'."""

@@ -92,6 +92,11 @@ class EventRow(Record):
     confidence: float | None
     decided_by: str | None
     acknowledged: bool
+    escalation_tier: int = Field(0, description="Fall events: last tier notified (0: none).")
+    escalation_tiers: int = 0
+    next_escalation_at: float | None = Field(None, description="When the next tier is due unless acknowledged.")
+    still_seen: bool | None = Field(None, description="Fall events: do the models still see the fall?")
+    outcome: str | None = Field(None, description="How a person resolved the event.")
 
 
 class ScoringRow(Record):
@@ -112,6 +117,7 @@ class StatusSnapshot(Record):
     events: list[EventRow]
     scoring: ScoringRow
     problems: list[str] = Field(default_factory=list, description="Entries that could not be read.")
+    escalations_pending: int = Field(0, description="Open fall events waiting for their next escalation tier.")
 
 
 # --- gathering -----------------------------------------------------------------------------------
@@ -238,7 +244,9 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
             entry_id=_s(entry_id), event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
             camera_id=ev.camera_id, camera_name=ev.camera_name or ev.camera_id, at=ev.at,
             confidence=ev.confidence, decided_by=ev.decided_by.value if ev.decided_by else None,
-            acknowledged=ev.acknowledged,
+            acknowledged=ev.acknowledged, escalation_tier=ev.escalation_tier, escalation_tiers=ev.escalation_tiers,
+            next_escalation_at=ev.next_escalation_at, still_seen=ev.still_seen,
+            outcome=ev.outcome.value if ev.outcome else None,
         ))
     return rows
 
@@ -271,7 +279,7 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
         queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
-        problems=problems,
+        problems=problems, escalations_pending=int(client.zcard(keys.escalations())),
     )
 
 
@@ -340,15 +348,28 @@ def _events_table(snap: StatusSnapshot) -> Any:
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(title="Recent events", title_justify="left", expand=True)
-    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack"):
+    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack", "tier", "seen", "outcome"):
         t.add_column(col)
     for e in snap.events:
         t.add_row(_ago(snap.at - e.at), e.type, e.kind, e.camera_name, _num(e.confidence, "{:.0%}"),
-                  e.decided_by or "-", "yes" if e.acknowledged else "")
+                  e.decided_by or "-", "yes" if e.acknowledged else "", _tier(snap, e),
+                  {True: "yes", False: "no longer"}.get(e.still_seen, "-"), e.outcome or "")
     sc = snap.scoring
     t.caption = (f"final verdicts {sc.finals}, offloaded {sc.offloaded} ({_num(sc.offload_rate, '{:.1%}')}); "
-                 + ", ".join(f"{k} {v}" for k, v in sc.by_decider.items()))
+                 + ", ".join(f"{k} {v}" for k, v in sc.by_decider.items())
+                 + f"; {snap.escalations_pending} escalations pending")
     return t
+
+
+def _tier(snap: StatusSnapshot, e: EventRow) -> str:
+    """'2/3, next in 3m' for a fall event that escalates; '-' otherwise."""
+    if not e.escalation_tier:
+        return "-"
+    text = f"{e.escalation_tier}/{e.escalation_tiers}"
+    if e.next_escalation_at is not None and not e.acknowledged and e.type != "end":
+        wait = max(0.0, e.next_escalation_at - snap.at)
+        text += f", next in {wait:.0f}s" if wait < 120 else f", next in {wait / 60:.0f}m"
+    return text
 
 
 def render(snap: StatusSnapshot) -> Any:

@@ -14,6 +14,7 @@ import structlog
 
 from fallwatch.keys import Keys
 from fallwatch.settings import CameraSettings, IngestSettings, Settings
+from ingest.masks import Masker
 from ingest.pipeline import Backoff, run_pipeline
 from ingest.publisher import Publisher
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord, clean_error
@@ -52,7 +53,7 @@ def run_camera(settings: Settings, cam: CameraSettings, client: redis.Redis, key
     buffer = FrameBuffer(buffer_capacity(ing), BufferPolicy.DROP_OLDEST)
 
     def capture(buf: FrameBuffer, halt: threading.Event) -> None:
-        capture_loop(source, cam.id, ing, buf, status, halt, url)
+        capture_loop(source, cam.id, ing, buf, status, halt, url, masker=Masker(cam.masks))
 
     log.info("camera_starting", camera=cam.id, source=source.name, fps=ing.fps, clip=ing.clip.enabled)
     run_pipeline(f"ingest-{cam.id}", capture, buffer, publisher, stop)
@@ -60,8 +61,9 @@ def run_camera(settings: Settings, cam: CameraSettings, client: redis.Redis, key
 
 
 def capture_loop(source: FrameSource, camera_id: str, ing: IngestSettings, buffer: FrameBuffer,
-                 status: StatusReporter, halt: threading.Event, url: str = "") -> None:
-    """Open, read and sample ``source`` until ``halt``; on failure go offline, back off, reopen."""
+                 status: StatusReporter, halt: threading.Event, url: str = "", masker: Masker | None = None) -> None:
+    """Open, read and sample ``source`` until ``halt``; on failure go offline, back off, reopen.
+    ``masker`` fills the camera's masks into every sampled frame before anything else sees it."""
     backoff = Backoff(ing.reconnect_base_s, ing.reconnect_cap_s)
     pacer = None if source.live else Pacer(1.0, gap_s=1 / ing.fps)  # a file as a camera plays in real time
     segment, seq = 0, 0
@@ -73,7 +75,8 @@ def capture_loop(source: FrameSource, camera_id: str, ing: IngestSettings, buffe
                     return
                 status.online(source.fps)
                 backoff.reset()
-                rec = FrameRecord(camera_id, seq, time.time(), raw.rgb, raw.gt_fall, raw.pts_s, segment, source.name)
+                rgb = masker.apply(raw.rgb) if masker else raw.rgb
+                rec = FrameRecord(camera_id, seq, time.time(), rgb, raw.gt_fall, raw.pts_s, segment, source.name)
                 seq += 1
                 if not buffer.put(rec, halt):
                     return

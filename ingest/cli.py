@@ -1,4 +1,4 @@
-"""Sub-commands of this component, added to the `fallwatch` app: ``ingest`` and ``replay``."""
+"""Sub-commands of this component, added to the `fallwatch` app: ``ingest``, ``replay`` and ``cameras``."""
 
 from __future__ import annotations
 
@@ -116,5 +116,8 @@ def replay_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to ``app``."""
+    from ingest import preview  # noqa: PLC0415
+
     app.command("ingest")(ingest_cmd)
     app.command("replay")(replay_cmd)
+    preview.register(app)

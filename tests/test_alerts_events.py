@@ -1,4 +1,5 @@
-"""Alert events: debounce, updates, quiet end, cooldown, ordering, camera offline, acknowledgement."""
+"""Alert events: debounce, updates, latching (no longer seen, resolve), cooldown, ordering, camera
+offline, acknowledgement."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import typer
 from typer.testing import CliRunner
 
 from alerts.cli import register
-from alerts.events import CameraAlertState, on_final, on_status, on_tick
+from alerts.events import CameraAlertState, on_final, on_resolve, on_status, on_tick
 from alerts.service import AlertsService
-from alerts.store import EventNotFound, acknowledge, load_event
+from alerts.store import EventNotFound, acknowledge, load_event, resolve
 from tests.helpers import FakeClock, edge_verdict, plant, read_all
 from fallwatch.keys import Keys
 from fallwatch.schemas import (AlertEvent, CameraState, CameraStatus, Decider, EventKind, EventType,
@@ -54,36 +55,44 @@ def test_k_falls_within_n_start_an_event_and_single_falls_do_not() -> None:
     assert steps[0].frame_ids == ("cam1:0", "cam1:20") and steps[0].at == T0
 
 
-def test_further_falls_update_and_quiet_ends_with_cooldown() -> None:
+def test_further_falls_update_quiet_marks_unseen_and_resolve_starts_the_cooldown() -> None:
     state, steps = feed([(0, True), (1, True), (2, True), (3, False), (12.5, False)])
-    assert types(steps) == ["start", "update", "end"]
-    start, update, end = steps
-    assert start.event_id == update.event_id == end.event_id
-    assert update.frame_ids == ("cam1:20",)
-    assert end.at == pytest.approx(T0 + 2 + 10)  # logical end: last fall + quiet_s
+    assert types(steps) == ["start", "update", "update"]
+    start, update, unseen = steps
+    assert start.event_id == update.event_id == unseen.event_id
+    assert update.frame_ids == ("cam1:20",) and update.seen is True
+    assert unseen.seen is False and unseen.seen_until == T0 + 2  # the last fall the models saw
+    assert unseen.at == pytest.approx(T0 + 2 + 10)  # noticed at last fall + quiet_s
+    assert state.fall_event == start.event_id and state.fall_unseen  # latched: still open
+    assert feed([(14, False), (30, False)], state)[1] == []  # said once, not on every quiet verdict
+    # a person resolves it: falls within the cooldown start nothing; after it, a new event
+    state = on_resolve(state, start.event_id, T0 + 12, CFG.cooldown_s)
     assert state.fall_event is None and state.cooldown_until == pytest.approx(T0 + 12 + 20)
-    # falls within the cooldown start nothing; after it, a new event with a new id
     state, steps = feed([(20, True), (21, True), (22, True)], state)
     assert steps == []
     state, steps = feed([(33, True), (34, True)], state)
     assert types(steps) == ["start"] and steps[0].event_id != start.event_id
 
 
-def test_timer_ends_a_quiet_event_by_the_wall_clock() -> None:
+def test_timer_marks_a_quiet_event_unseen_by_the_wall_clock_and_a_new_fall_seen_again() -> None:
     state, _ = feed([(0, True), (1, True)])
     assert on_tick(state, T0 + 10.5, CFG)[1] == []
     state, steps = on_tick(state, T0 + 11.5, CFG)
-    assert types(steps) == ["end"] and state.fall_event is None
+    assert types(steps) == ["update"] and steps[0].seen is False and state.fall_event is not None
+    assert on_tick(state, T0 + 500, CFG)[1] == []  # the camera may go dark: the event stays open
+    state, steps = feed([(40, True)], state)
+    assert types(steps) == ["update"] and steps[0].seen is True and not state.fall_unseen
 
 
 def test_late_verdicts_are_placed_by_capture_time() -> None:
     # arrival order F(0) N(2) N(3) F(1): by capture time F F N sits in one window of 3
     _, steps = feed([(0, True), (2, False), (3, False), (1, True)])
     assert types(steps) == ["start"] and steps[0].at == T0
-    # a straggler of an ended event does not start a new one, even without cooldown
+    # a straggler captured before a resolved event was resolved starts nothing, even without cooldown
     cfg = CFG.model_copy(update={"cooldown_s": 0.0})
     state, steps = feed([(0, True), (1, True), (15, False)], cfg=cfg)
-    assert types(steps) == ["start", "end"]
+    assert types(steps) == ["start", "update"]
+    state = on_resolve(state, steps[0].event_id, T0 + 15, 0.0)
     state, steps = feed([(5, True), (6, True)], state, cfg=cfg)
     assert steps == []
 
@@ -148,12 +157,19 @@ def test_events_are_streamed_published_and_stored(cfg, r, keys, clock) -> None:
     state = r.hgetall(keys.event(ev.event_id))
     assert state[b"active"] == b"1" and state[b"acknowledged"] == b"0"
     assert r.smembers(keys.alert_cameras()) == {b"cam1"}
-    # quiet for longer than quiet_s: the timer ends it
+    # quiet for longer than quiet_s: the event says so and stays open
     clock.advance(2 + 10.5)
-    rep = svc.step()
-    assert [e.type for e in rep.events] == [EventType.END]
-    assert r.hget(keys.event(ev.event_id), "active") == b"0"
+    [unseen] = svc.step().events
+    assert (unseen.type, unseen.still_seen, unseen.seen_until) == (EventType.UPDATE, False, T0 + 2)
+    assert r.hget(keys.event(ev.event_id), "active") == b"1"
+    assert r.smembers(keys.alert_cameras()) == {b"cam1"}
+    clock.advance(3600)
+    assert svc.step().events == ()  # an hour later, nobody came: still open
+    # only a person ends it
+    end = resolve(r, keys, ev.event_id, "nurse-ann", "confirmed_fall", maxlen=1000, clock=clock)
+    assert end.type is EventType.END and r.hget(keys.event(ev.event_id), "active") == b"0"
     assert r.smembers(keys.alert_cameras()) == set()
+    assert published(sub)[-1] == end
     sub.close()
 
 

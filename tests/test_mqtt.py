@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from alerts.mqtt import MqttBridge
-from alerts.store import EventStore, load_event
-from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, Decider, EventType, FinalVerdict
+from alerts.store import EventStore, load_event, resolve
+from fallwatch.schemas import AlertEvent, CameraState, CameraStatus, Decider, EventOutcome, EventType, FinalVerdict
 from fallwatch.settings import ConfigError, Settings, read_yaml
 from tests.helpers import FakeClock, wait_for
 from tests.mosquitto import Mosquitto, Observer, ensure_installed, retained
@@ -137,10 +137,16 @@ def test_fall_event_sets_state_and_publishes_new_and_end_field_by_field(redis_ur
         assert obs.last("fallwatch/cam2/fall") == b"OFF"
 
         clock.advance(settings.alerts.quiet_s + 1)
-        (end,) = store.tick()
-        assert wait_for(lambda: obs.last("fallwatch/cam1/fall") == b"OFF" and len(obs.json_on("fallwatch/events")) == 2)
-        msg = obs.json_on("fallwatch/events")[1]
-        assert msg["type"] == "end" and msg["before"] == after
+        (unseen,) = store.tick()  # no longer seen: the alarm latches, the state stays ON
+        assert wait_for(lambda: len(obs.json_on("fallwatch/events")) == 2)
+        update = obs.json_on("fallwatch/events")[1]
+        assert update["type"] == "update" and update["before"] == after and update["after"]["active"] is True
+        assert obs.last("fallwatch/cam1/fall") == b"ON"
+        end = resolve(r, keys, start.event_id, "nurse", EventOutcome.FALSE_ALARM, settings.alerts.stream_maxlen,
+                      clock=clock)
+        assert wait_for(lambda: obs.last("fallwatch/cam1/fall") == b"OFF" and len(obs.json_on("fallwatch/events")) == 3)
+        msg = obs.json_on("fallwatch/events")[2]
+        assert msg["type"] == "end" and msg["before"] == update["after"]
         assert msg["after"]["id"] == start.event_id and msg["after"]["end_time"] == end.at
         assert msg["after"]["active"] is False and msg["after"]["start_time"] == start.started_at
         assert msg["after"]["updated_at"] == end.at

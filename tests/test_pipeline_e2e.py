@@ -14,6 +14,7 @@ import redis
 
 from alerts.notify import Notifier
 from alerts.service import AlertsService
+from alerts.store import resolve
 from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, run as run_cloud
 from edge_worker.model import EdgeModel
@@ -106,10 +107,11 @@ def roles(settings: Settings, redis_url: str, keys: Keys, edge_model, cloud_mode
 
 
 def push(r: redis.Redis, keys: Keys, camera: str, pattern: list[bool], images: dict[bool, bytes], t0: float,
-         gap_s: float = 0.5) -> list[str]:
+         gap_s: float = 0.5, first_seq: int = 0) -> list[str]:
     ids = []
-    for seq, fall in enumerate(pattern):
-        msg = FrameMessage.make(camera, seq, captured_at=t0 + seq * gap_s, width=96, height=80, gt_fall=fall)
+    for seq, fall in enumerate(pattern, first_seq):
+        msg = FrameMessage.make(camera, seq, captured_at=t0 + (seq - first_seq) * gap_s, width=96, height=80,
+                                gt_fall=fall)
         r.xadd(keys.frames_stream(), encode(msg, [images[fall]]))
         ids.append(msg.frame_id)
     return ids
@@ -125,12 +127,20 @@ def events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:
 
 def test_frames_in_final_verdicts_out_events_match_planted_falls(settings, r, keys, redis_url, edge_model,
                                                                   planted_images) -> None:
-    # two planted falls, far enough apart (in capture time) for the first event to end
-    pattern = [False] * 6 + [True] * 4 + [False] * 10 + [True] * 3 + [False] * 8
+    # two planted falls: the first event latches (no longer seen, still open) until a person resolves
+    # it; the second fall, captured after that, starts a new event
+    first, second = [False] * 6 + [True] * 4 + [False] * 10, [False] * 3 + [True] * 3 + [False] * 8
     with WebhookReceiver() as hook:
         cfg = configure(settings, hook.url())
-        ids = push(r, keys, "room1", pattern, planted_images, t0=time.time())
+        t0 = time.time()
+        ids = push(r, keys, "room1", first, planted_images, t0=t0)
         with roles(cfg, redis_url, keys, edge_model):
+            assert wait_for(lambda: any(e.still_seen is False for e in events(r, keys)))
+            opened = [e for e in events(r, keys) if e.kind == EventKind.FALL]
+            assert {e.event_id for e in opened} == {opened[0].event_id} and opened[-1].type == EventType.UPDATE
+            resolve(r, keys, opened[0].event_id, "nurse", "confirmed_fall", maxlen=1000)
+            t1 = max(time.time(), t0 + len(first) * 0.5) + 1
+            ids += push(r, keys, "room1", second, planted_images, t0=t1, first_seq=len(first))
             assert wait_for(lambda: len(finals(r, keys)) >= len(ids))
             assert wait_for(lambda: hook.count() >= 2)
     got = finals(r, keys)
@@ -138,8 +148,8 @@ def test_frames_in_final_verdicts_out_events_match_planted_falls(settings, r, ke
     assert all(v.decided_by == Decider.EDGE and v.is_fall == v.gt_fall for v in got)
     starts = [e for e in events(r, keys) if e.type == EventType.START and e.kind == EventKind.FALL]
     ends = [e for e in events(r, keys) if e.type == EventType.END and e.kind == EventKind.FALL]
-    assert len(starts) == 2 and len(ends) >= 1
-    planted_starts = [ids[6], ids[20]]
+    assert len(starts) == 2 and [e.outcome for e in ends] == ["confirmed_fall"]
+    planted_starts = [ids[6], ids[23]]
     assert [e.frame_ids[0] for e in starts] == planted_starts  # each event starts at its planted fall
     assert hook.count() == 2
     assert all("room1" in (m.get("title", "") + m.get("message", "")) for m in hook.received)
