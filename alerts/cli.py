@@ -6,10 +6,13 @@ import json
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import structlog
 import typer
+
+from fallwatch.schemas import EventOutcome
 
 from fallwatch.context import app_context
 
@@ -26,6 +29,8 @@ def format_event(ev: Any) -> str:
         parts.append(f"by {ev.decided_by.value}")
     if ev.acknowledged:
         parts.append(f"acknowledged by {ev.acknowledged_by or '?'}")
+    if ev.outcome is not None:
+        parts.append(f"resolved as {ev.outcome.value} by {ev.resolved_by or '?'}")
     parts.append(f"event {ev.event_id}")
     return "  ".join(parts)
 
@@ -126,6 +131,54 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
     typer.echo(format_event(ev))
 
 
+def resolve_cmd(ctx: typer.Context, event_id: str, outcome: str, note: str, by: str) -> None:
+    from alerts.store import BadTransition, EventNotFound, resolve  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    with RedisHandle(actx.settings.redis) as handle:
+        try:
+            ev = resolve(handle.client, actx.keys, event_id, by, outcome, actx.settings.alerts.stream_maxlen,
+                         note=note, source="cli")
+        except EventNotFound:
+            typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        except BadTransition as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(format_event(ev))
+
+
+def outcomes_cmd(ctx: typer.Context, out: Path | None, dmd: Path | None, as_json: bool) -> None:
+    from alerts.outcomes import apply_to_dmd, frame_labels, precision_by_camera, read_outcomes, write_labels  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    with RedisHandle(actx.settings.redis) as handle:
+        records = read_outcomes(handle.client, actx.keys)
+    rows = frame_labels(records)
+    if out is not None:
+        write_labels(out, rows)
+        typer.echo(f"wrote {len(rows)} frame labels from {len(records)} outcomes to {out}", err=True)
+    if dmd is not None:
+        try:
+            n = apply_to_dmd(dmd, rows)
+        except ValueError as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"labelled {n} items of {dmd}", err=True)
+    report = precision_by_camera(records)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for cam, periods in report.items():
+        for p in periods:
+            day = datetime.fromtimestamp(p["period_start"]).strftime("%Y-%m-%d")
+            prec = "-" if p["precision"] is None else f"{100 * p['precision']:.0f}%"
+            typer.echo(f"{cam}  {day}  confirmed {p['confirmed']}  false alarms {p['false_alarm']}  "
+                       f"not sure {p['not_sure']}  precision {prec}")
+
+
 def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
     from alerts.stats import format_stats, read_stats  # noqa: PLC0415
     from fallwatch.redis import RedisHandle  # noqa: PLC0415
@@ -168,6 +221,31 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Acknowledge an alert event (publishes an update)."""
         acknowledge_cmd(ctx, event_id, by)
+
+    @alerts_app.command("resolve")
+    def resolve_command(
+        ctx: typer.Context,
+        event_id: Annotated[str, typer.Argument(help="Event id (from tail, a notification or the web page).")],
+        outcome: Annotated[EventOutcome, typer.Option("--outcome", help="What was found.")],
+        note: Annotated[str, typer.Option("--note", help="Optional note (at most 2000 characters).")] = "",
+        by: Annotated[str, typer.Option("--by", help="Who resolves.")] = "cli",
+    ) -> None:
+        """Resolve a fall event with what was found (publishes its end; the outcome is ground truth)."""
+        if len(note) > 2000:
+            typer.secho("--note: at most 2000 characters", fg="red", err=True)
+            raise typer.Exit(2)
+        resolve_cmd(ctx, event_id, outcome, note, by)
+
+    @alerts_app.command("outcomes")
+    def outcomes_command(
+        ctx: typer.Context,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Write frame labels (JSON lines: id, label, ...).")] = None,
+        dmd: Annotated[Optional[Path], typer.Option("--dmd", help="Set the label field of this distillation "
+                                                    "directory's items whose id is a labelled frame id.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print precision per camera and day as JSON.")] = False,
+    ) -> None:
+        """Outcomes as ground truth: precision of alerts per camera and day; export frame labels."""
+        outcomes_cmd(ctx, out, dmd, as_json)
 
     @alerts_app.command("stats")
     def stats_command(

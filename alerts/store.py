@@ -19,7 +19,8 @@ import structlog
 from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_status, on_tick
 from alerts.notify import deliveries_for
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, CameraStatus, EventType, FinalVerdict, encode
+from fallwatch.schemas import (AlertEvent, CameraStatus, EventKind, EventOutcome, EventType, FinalVerdict, OutcomeRecord,
+                               encode)
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,14 @@ EVENT_TTL_S = 30 * 86400
 
 class EventNotFound(KeyError):
     """No event with this id (never existed, or expired)."""
+
+
+class BadTransition(ValueError):
+    """The event is not in a state that allows this step (e.g. resolving a resolved event)."""
+
+
+ACK_SOURCES = ("cli", "web", "mqtt")
+OUTCOMES_MAXLEN = 10_000_000  # ground truth: effectively never trimmed
 
 
 def camera_name(settings: Settings, camera_id: str) -> str:
@@ -54,9 +63,11 @@ def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: 
         "m": event.to_json(), "type": event.type.value, "kind": event.kind.value,
         "camera_id": event.camera_id, "started_at": repr(event.started_at), "at": repr(event.at),
         "acknowledged": _flag(event.acknowledged), "acknowledged_by": event.acknowledged_by or "",
-        "active": _flag(active),
+        "active": _flag(active), "outcome": event.outcome.value if event.outcome else "",
     })
     pipe.expire(key, EVENT_TTL_S)
+    pipe.zadd(keys.events_index(), {event.event_id: event.started_at})
+    pipe.zremrangebyscore(keys.events_index(), "-inf", event.started_at - EVENT_TTL_S)
     pipe.xadd(keys.alerts_stream(), encode(event), maxlen=maxlen, approximate=True)
     pipe.publish(keys.alerts_channel(), event.to_json())
 
@@ -162,8 +173,9 @@ class EventStore:
 
 
 def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen: int,
-                clock: Callable[[], float] = time.time) -> AlertEvent:
-    """Mark an event acknowledged and publish an ``update``. Idempotent; raises EventNotFound."""
+                clock: Callable[[], float] = time.time, source: str = "cli") -> AlertEvent:
+    """Mark an event acknowledged (who, when, from where) and publish an ``update``.
+    Idempotent: the first acknowledgement stands. Raises EventNotFound."""
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
         while True:
@@ -176,13 +188,84 @@ def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen:
                     pipe.unwatch()
                     return current
                 active = pipe.hget(key, "active") == b"1"
-                event = AlertEvent.model_validate({**current.model_dump(), "type": EventType.UPDATE,
-                                                   "at": clock(), "acknowledged": True, "acknowledged_by": by})
+                now = clock()
+                event = AlertEvent.model_validate({**current.model_dump(), "type": EventType.UPDATE, "at": now,
+                                                   "acknowledged": True, "acknowledged_by": by,
+                                                   "acknowledged_at": now, "ack_source": source})
                 pipe.multi()
                 write_event(pipe, keys, event, active=active, maxlen=maxlen)
                 pipe.execute()
                 break
             except redis.WatchError:
                 continue
-    log.info("alert_acknowledged", event_id=event_id, by=by)
+    log.info("alert_acknowledged", event_id=event_id, by=by, source=source)
+    return event
+
+
+def _check_resolvable(current: AlertEvent | None, event_id: str) -> AlertEvent:
+    if current is None:
+        raise EventNotFound(event_id)
+    if current.kind is not EventKind.FALL:
+        raise BadTransition(f"event {event_id} is a {current.kind.value} event; only fall events take an outcome")
+    if current.outcome is not None:
+        raise BadTransition(f"event {event_id} was already resolved as {current.outcome.value} by {current.resolved_by}")
+    return current
+
+
+def resolved_event(current: AlertEvent, by: str, outcome: EventOutcome, note: str, source: str,
+                   now: float) -> AlertEvent:
+    """The END step of a fall event closed by a person (it counts as acknowledged too)."""
+    ack = {} if current.acknowledged else {"acknowledged": True, "acknowledged_by": by, "acknowledged_at": now,
+                                           "ack_source": source}
+    return AlertEvent.model_validate({**current.model_dump(), **ack, "type": EventType.END, "at": now,
+                                      "outcome": outcome, "outcome_note": note or None, "resolved_by": by,
+                                      "resolved_at": now})
+
+
+def _release_camera(pipe: Any, keys: Keys, event: AlertEvent, now: float) -> None:
+    """The camera's state machine lets go of a resolved event; falls captured before now no longer count."""
+    state_key = keys.camera_state(event.camera_id)
+    raw = pipe.hget(state_key, "state")
+    state = CameraAlertState.model_validate_json(raw) if raw is not None else None
+    pipe.multi()
+    if state is None or state.fall_event != event.event_id:
+        return
+    after = state.model_copy(update={"fall_event": None, "cooldown_until": max(state.cooldown_until, now)})
+    pipe.hset(state_key, mapping={"state": after.model_dump_json(), "camera_id": event.camera_id})
+    if not after.active:
+        pipe.srem(keys.alert_cameras(), event.camera_id)
+
+
+def outcome_record(event: AlertEvent, source: str) -> OutcomeRecord:
+    assert event.outcome is not None and event.resolved_by is not None and event.resolved_at is not None
+    return OutcomeRecord(event_id=event.event_id, camera_id=event.camera_id, started_at=event.started_at,
+                         frame_ids=event.frame_ids, outcome=event.outcome, note=event.outcome_note or "",
+                         by=event.resolved_by, source=source, at=event.resolved_at, confidence=event.confidence,
+                         decided_by=event.decided_by)
+
+
+def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: EventOutcome | str, maxlen: int,
+            note: str = "", source: str = "cli", clock: Callable[[], float] = time.time) -> AlertEvent:
+    """Close a fall event with what a person found: publishes an ``end`` carrying the outcome, and
+    stores the outcome against the event's frame ids (``keys.outcomes_stream``). Works on a fall
+    event still running or already ended by the quiet timer. Raises EventNotFound, BadTransition."""
+    outcome = EventOutcome(outcome)
+    key = keys.event(event_id)
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                current = _check_resolvable(load_event(pipe, keys, event_id), event_id)
+                pipe.watch(keys.camera_state(current.camera_id))
+                now = clock()
+                event = resolved_event(current, by, outcome, note, source, now)
+                _release_camera(pipe, keys, event, now)
+                write_event(pipe, keys, event, active=False, maxlen=maxlen)
+                pipe.xadd(keys.outcomes_stream(), encode(outcome_record(event, source)),
+                          maxlen=OUTCOMES_MAXLEN, approximate=True)
+                pipe.execute()
+                break
+            except redis.WatchError:
+                continue
+    log.info("alert_resolved", event_id=event_id, by=by, outcome=outcome.value, source=source)
     return event
