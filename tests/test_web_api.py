@@ -385,3 +385,15 @@ def test_new_keys_are_pinned():
     assert k.web_session("s1") == "fw:web:session:s1" and k.web_secret() == "fw:web:secret"
     assert k.web_login_failures("user", "carol") == "fw:web:login-failures:user:carol"
     assert k.web_audit_stream() == "fw:stream:web-audit"
+
+
+def test_up_runs_the_web_role_only_when_users_exist(tmp_path, users_file):
+    from fallwatch.cli import role_specs
+
+    with_users = Settings(web={"users_file": str(users_file)})
+    without = Settings(web={"users_file": str(tmp_path / "missing.yaml")})
+    assert "web" in [s.name for s in role_specs(with_users, 1, True, True, web=True)]
+    assert "web" not in [s.name for s in role_specs(with_users, 1, True, True, web=False)]
+    assert "web" not in [s.name for s in role_specs(without, 1, True, True, web=True)]
+    off = Settings(web={"users_file": str(users_file), "enabled": False})
+    assert "web" not in [s.name for s in role_specs(off, 1, True, True, web=True)]

@@ -72,20 +72,24 @@ def queue_age_s(client: redis.Redis, name: str) -> float | None:
     return None if job.enqueued_at is None else max(0.0, time.time() - job.enqueued_at.timestamp())
 
 
-def switcher_view(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
-    """The switcher checkpoint in use, and the version the newest edge verdicts report (where they do)."""
-    version = None
+def newest_edge_verdict(client: redis.Redis, keys: Keys) -> EdgeVerdict | None:
     for _, fields in client.xrevrange(keys.verdicts_stream(), count=50):
         try:
             msg, _ = decode(fields)
         except SchemaError:
             continue
         if isinstance(msg, EdgeVerdict):
-            version = getattr(msg, "switcher_version", None)
-            break
+            return msg
+    return None
+
+
+def switcher_view(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    """The switcher checkpoint in use, and the version and drift state the newest edge verdict
+    reports (where the edge reports them)."""
+    verdict = newest_edge_verdict(client, keys)
     ckpt = settings.switcher.checkpoint
-    return {"checkpoint": str(ckpt) if ckpt else None, "version": version,
-            "drift": getattr(settings, "dmd", None) and "see fallwatch dmd status"}
+    return {"checkpoint": str(ckpt) if ckpt else None, "version": getattr(verdict, "switcher_version", None),
+            "drift": getattr(verdict, "drift", None)}
 
 
 def budget_view(settings: Settings) -> dict[str, Any] | None:
