@@ -74,7 +74,7 @@ def run_web(ctx: typer.Context, host: str | None, port: int | None) -> None:
                                     forwarded_allow_ips=cfg.forwarded_allow_ips, timeout_graceful_shutdown=3,
                                     ssl_certfile=cfg.tls_certfile, ssl_keyfile=cfg.tls_keyfile)
             try:
-                uvicorn.Server(config).run(sockets=[sock])
+                _server_class()(config, app.state.web.hub.release).run(sockets=[sock])
             finally:
                 stop.set()
                 beat.clear()
@@ -82,6 +82,23 @@ def run_web(ctx: typer.Context, host: str | None, port: int | None) -> None:
         raise _fail(f"web: {exc}", 1) from None
     finally:
         sock.close()
+
+
+def _server_class():
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """Ends the open event streams as soon as a stop is asked, so the graceful shutdown is quick."""
+
+        def __init__(self, config: uvicorn.Config, on_exit):
+            super().__init__(config)
+            self.on_exit = on_exit
+
+        def handle_exit(self, sig, frame) -> None:
+            self.on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _read_password(password_stdin: bool) -> str:

@@ -47,9 +47,13 @@ class Hub:
         self._thread = threading.Thread(target=self._run, name="web-hub", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """End every browser's stream now (the server is stopping); they reconnect to the next one."""
         self.stop.set()
         self._broadcast("bye", {})
+
+    def close(self) -> None:
+        self.release()
         if self._thread is not None:
             self._thread.join(5)
 
