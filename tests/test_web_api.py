@@ -18,7 +18,6 @@ from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, EventOutcome, EventType, OutcomeRecord, decode
 from fallwatch.settings import ConfigError, Settings, load_settings
 from ingest.status import StatusReporter
-from tests.helpers import free_port
 from tests.web_helpers import PASSWORD, csrf, fall_event, login, offline_event, write_users
 from web.app import create_app
 from web.users import read_users_file
@@ -397,3 +396,18 @@ def test_up_runs_the_web_role_only_when_users_exist(tmp_path, users_file):
     assert "web" not in [s.name for s in role_specs(without, 1, True, True, web=True)]
     off = Settings(web={"users_file": str(users_file), "enabled": False})
     assert "web" not in [s.name for s in role_specs(off, 1, True, True, web=True)]
+
+
+def test_throttling_counts_per_user_name_across_addresses_and_per_address(r, keys, web_settings):
+    from web.sessions import Sessions
+
+    s = Sessions(r, keys, web_settings.web, "k")
+    n = web_settings.web.login_max_failures
+    for i in range(n):
+        assert s.throttled("carol", f"10.0.0.{i}") is None
+        s.failed("carol", f"10.0.0.{i}")
+    assert s.throttled("Carol", "10.9.9.9") is not None  # the name, from a fresh address
+    assert s.throttled("cara", "10.9.9.9") is None
+    s.succeeded("carol")
+    assert s.throttled("carol", "10.9.9.9") is None
+    assert 0 < r.ttl(keys.web_login_failures("addr", "10.0.0.0")) <= web_settings.web.login_window_s
