@@ -103,7 +103,7 @@ def redis_cmd(ctx: typer.Context) -> None:
 @app.command("health")
 def health(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts.")] = "redis",
+    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts, web.")] = "redis",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""

@@ -82,6 +82,9 @@ class Hub:
             except redis.RedisError as exc:
                 log.warning("web_live_updates_interrupted", error=str(exc))
                 self.stop.wait(1.0)
+            except Exception:  # never let the pages go silently stale
+                log.exception("web_live_updates_failed")
+                self.stop.wait(1.0)
 
     def _serve(self) -> None:
         alerts, status = self.keys.alerts_stream(), self.keys.camera_status_stream()
