@@ -40,6 +40,11 @@ ACK_SOURCES = ("cli", "web", "mqtt")
 OUTCOMES_MAXLEN = 10_000_000  # ground truth: effectively never trimmed
 
 
+def _check_source(source: str) -> None:
+    if source not in ACK_SOURCES:
+        raise ValueError(f"unknown source {source!r}; one of {ACK_SOURCES}")
+
+
 def camera_name(settings: Settings, camera_id: str) -> str:
     try:
         return settings.camera(camera_id).display_name
@@ -176,6 +181,7 @@ def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen:
                 clock: Callable[[], float] = time.time, source: str = "cli") -> AlertEvent:
     """Mark an event acknowledged (who, when, from where) and publish an ``update``.
     Idempotent: the first acknowledgement stands. Raises EventNotFound."""
+    _check_source(source)
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
         while True:
@@ -222,16 +228,17 @@ def resolved_event(current: AlertEvent, by: str, outcome: EventOutcome, note: st
                                       "resolved_at": now})
 
 
-def _release_camera(pipe: Any, keys: Keys, event: AlertEvent, now: float) -> None:
+def _camera_state(pipe: Any, keys: Keys, camera_id: str) -> CameraAlertState | None:
+    raw = pipe.hget(keys.camera_state(camera_id), "state")
+    return CameraAlertState.model_validate_json(raw) if raw is not None else None
+
+
+def _queue_release(pipe: Any, keys: Keys, event: AlertEvent, state: CameraAlertState | None, now: float) -> None:
     """The camera's state machine lets go of a resolved event; falls captured before now no longer count."""
-    state_key = keys.camera_state(event.camera_id)
-    raw = pipe.hget(state_key, "state")
-    state = CameraAlertState.model_validate_json(raw) if raw is not None else None
-    pipe.multi()
     if state is None or state.fall_event != event.event_id:
         return
     after = state.model_copy(update={"fall_event": None, "cooldown_until": max(state.cooldown_until, now)})
-    pipe.hset(state_key, mapping={"state": after.model_dump_json(), "camera_id": event.camera_id})
+    pipe.hset(keys.camera_state(event.camera_id), mapping={"state": after.model_dump_json(), "camera_id": event.camera_id})
     if not after.active:
         pipe.srem(keys.alert_cameras(), event.camera_id)
 
@@ -250,6 +257,7 @@ def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: Ev
     stores the outcome against the event's frame ids (``keys.outcomes_stream``). Works on a fall
     event still running or already ended by the quiet timer. Raises EventNotFound, BadTransition."""
     outcome = EventOutcome(outcome)
+    _check_source(source)
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
         while True:
@@ -257,9 +265,11 @@ def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: Ev
                 pipe.watch(key)
                 current = _check_resolvable(load_event(pipe, keys, event_id), event_id)
                 pipe.watch(keys.camera_state(current.camera_id))
+                state = _camera_state(pipe, keys, current.camera_id)
                 now = clock()
                 event = resolved_event(current, by, outcome, note, source, now)
-                _release_camera(pipe, keys, event, now)
+                pipe.multi()
+                _queue_release(pipe, keys, event, state, now)
                 write_event(pipe, keys, event, active=False, maxlen=maxlen)
                 pipe.xadd(keys.outcomes_stream(), encode(outcome_record(event, source)),
                           maxlen=OUTCOMES_MAXLEN, approximate=True)
