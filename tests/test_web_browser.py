@@ -212,6 +212,17 @@ def test_4_a_camera_going_offline_shows_on_its_tile_within_2_s(open_page, statio
     assert "Offline" in tile.inner_text() and "connection refused" in tile.inner_text()
 
 
+def test_4b_a_camera_whose_frames_stop_turns_stale_without_any_message(open_page, station):
+    rep = StatusReporter(station.client, station.keys, "porch", name="Porch")
+    rep.online(fps=2.0)
+    stale_after = 10.0  # fallwatch.status: twice ingest.read_timeout_s (5 s)
+    station.client.hset(station.keys.camera_info("porch"), "last_frame_at", time.time() - stale_after + 6.0)
+    page = open_page("cara")
+    page.wait_for_selector('.tile.online[data-camera="porch"]', timeout=5000)
+    page.wait_for_selector('.tile.stale[data-camera="porch"]', timeout=(6.0 + LIVE_S) * 1000)
+    assert "No frames" in page.locator('.tile[data-camera="porch"]').inner_text()
+
+
 def test_5_wrong_password_csrf_and_roles(open_page, station):
     page = open_page()
     page.goto(f"{station.url}/login")
