@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import structlog
@@ -28,6 +29,8 @@ def format_event(ev: Any) -> str:
     if ev.acknowledged:
         parts.append(f"acknowledged by {ev.acknowledged_by or '?'}")
     parts += _latch_parts(ev)
+    if ev.outcome is not None:
+        parts.append(f"resolved as {ev.outcome.value} by {ev.resolved_by or '?'}")
     parts.append(f"event {ev.event_id}")
     return "  ".join(parts)
 
@@ -149,7 +152,7 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
     typer.echo(format_event(ev))
 
 
-def resolve_cmd(ctx: typer.Context, event_id: str, outcome: EventOutcome, by: str, note: str) -> None:
+def resolve_cmd(ctx: typer.Context, event_id: str, outcome: str, note: str, by: str) -> None:
     from alerts.store import BadTransition, EventNotFound, resolve  # noqa: PLC0415
     from fallwatch.redis import RedisHandle  # noqa: PLC0415
 
@@ -158,7 +161,7 @@ def resolve_cmd(ctx: typer.Context, event_id: str, outcome: EventOutcome, by: st
     with RedisHandle(actx.settings.redis) as handle:
         try:
             ev = resolve(handle.client, actx.keys, event_id, by, outcome, cfg.stream_maxlen, note=note,
-                         cooldown_s=cfg.cooldown_s)
+                         source="cli", cooldown_s=cfg.cooldown_s)
         except EventNotFound:
             typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
             raise typer.Exit(2) from None
@@ -166,6 +169,36 @@ def resolve_cmd(ctx: typer.Context, event_id: str, outcome: EventOutcome, by: st
             typer.secho(str(exc), fg="red", err=True)
             raise typer.Exit(2) from None
     typer.echo(format_event(ev))
+
+
+def outcomes_cmd(ctx: typer.Context, out: Path | None, dmd: Path | None, as_json: bool) -> None:
+    from alerts.outcomes import apply_to_dmd, frame_labels, precision_by_camera, read_outcomes, write_labels  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+
+    actx = app_context(ctx)
+    with RedisHandle(actx.settings.redis) as handle:
+        records = read_outcomes(handle.client, actx.keys)
+    rows = frame_labels(records)
+    if out is not None:
+        write_labels(out, rows)
+        typer.echo(f"wrote {len(rows)} frame labels from {len(records)} outcomes to {out}", err=True)
+    if dmd is not None:
+        try:
+            n = apply_to_dmd(dmd, rows)
+        except ValueError as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"labelled {n} items of {dmd}", err=True)
+    report = precision_by_camera(records)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for cam, periods in report.items():
+        for p in periods:
+            day = datetime.fromtimestamp(p["period_start"]).strftime("%Y-%m-%d")
+            prec = "-" if p["precision"] is None else f"{100 * p['precision']:.0f}%"
+            typer.echo(f"{cam}  {day}  confirmed {p['confirmed']}  false alarms {p['false_alarm']}  "
+                       f"not sure {p['not_sure']}  precision {prec}")
 
 
 def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
@@ -216,13 +249,27 @@ def register(app: typer.Typer) -> None:
     @alerts_app.command("resolve")
     def resolve_command(
         ctx: typer.Context,
-        event_id: Annotated[str, typer.Argument(help="Event id (from tail, status or a notification).")],
-        outcome: Annotated[EventOutcome, typer.Option("--outcome", help="What it was.")],
+        event_id: Annotated[str, typer.Argument(help="Event id (from tail, a notification or the web page).")],
+        outcome: Annotated[EventOutcome, typer.Option("--outcome", help="What was found.")],
+        note: Annotated[str, typer.Option("--note", help="Optional note (at most 2000 characters).")] = "",
         by: Annotated[str, typer.Option("--by", help="Who resolves.")] = "cli",
-        note: Annotated[str, typer.Option("--note", help="Free text kept on the event.")] = "",
     ) -> None:
-        """Close an open event with its outcome (acknowledging it too); publishes its end."""
-        resolve_cmd(ctx, event_id, outcome, by, note)
+        """Resolve a fall event with what was found (publishes its end; the outcome is ground truth)."""
+        if len(note) > 2000:
+            typer.secho("--note: at most 2000 characters", fg="red", err=True)
+            raise typer.Exit(2)
+        resolve_cmd(ctx, event_id, outcome, note, by)
+
+    @alerts_app.command("outcomes")
+    def outcomes_command(
+        ctx: typer.Context,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Write frame labels (JSON lines: id, label, ...).")] = None,
+        dmd: Annotated[Optional[Path], typer.Option("--dmd", help="Set the label field of this distillation "
+                                                    "directory's items whose id is a labelled frame id.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print precision per camera and day as JSON.")] = False,
+    ) -> None:
+        """Outcomes as ground truth: precision of alerts per camera and day; export frame labels."""
+        outcomes_cmd(ctx, out, dmd, as_json)
 
     @alerts_app.command("stats")
     def stats_command(

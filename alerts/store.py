@@ -21,7 +21,8 @@ from alerts.escalation import Escalator, queue_start, start_tier
 from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_resolve, on_status,
                            on_tick)
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, CameraStatus, EventKind, EventOutcome, EventType, FinalVerdict, encode
+from fallwatch.schemas import (AlertEvent, CameraStatus, EventKind, EventOutcome, EventType, FinalVerdict, OutcomeRecord,
+                               encode)
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -34,7 +35,16 @@ class EventNotFound(KeyError):
 
 
 class BadTransition(ValueError):
-    """The event is not in a state that allows this (e.g. resolving an event that has ended)."""
+    """The event is not in a state that allows this step (e.g. resolving a resolved event)."""
+
+
+ACK_SOURCES = ("cli", "web", "mqtt")
+OUTCOMES_MAXLEN = 10_000_000  # ground truth: effectively never trimmed
+
+
+def _check_source(source: str) -> None:
+    if source not in ACK_SOURCES:
+        raise ValueError(f"unknown source {source!r}; one of {ACK_SOURCES}")
 
 
 def camera_name(settings: Settings, camera_id: str) -> str:
@@ -60,9 +70,11 @@ def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: 
         "m": event.to_json(), "type": event.type.value, "kind": event.kind.value,
         "camera_id": event.camera_id, "started_at": repr(event.started_at), "at": repr(event.at),
         "acknowledged": _flag(event.acknowledged), "acknowledged_by": event.acknowledged_by or "",
-        "active": _flag(active),
+        "active": _flag(active), "outcome": event.outcome.value if event.outcome else "",
     })
     pipe.expire(key, EVENT_TTL_S)
+    pipe.zadd(keys.events_index(), {event.event_id: event.started_at})
+    pipe.zremrangebyscore(keys.events_index(), "-inf", event.started_at - EVENT_TTL_S)
     pipe.xadd(keys.alerts_stream(), encode(event), maxlen=maxlen, approximate=True)
     pipe.publish(keys.alerts_channel(), event.to_json())
 
@@ -185,8 +197,9 @@ def load_state(client: Any, keys: Keys, camera_id: str) -> CameraAlertState:
 
 def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen: int,
                 clock: Callable[[], float] = time.time, source: str = "cli") -> AlertEvent:
-    """Mark an event acknowledged and publish an ``update``; its escalation stops. Idempotent;
-    raises EventNotFound."""
+    """Mark an event acknowledged (who, when, from where) and publish an ``update``; its escalation
+    stops. Idempotent: the first acknowledgement stands. Raises EventNotFound."""
+    _check_source(source)
     key = keys.event(event_id)
     with client.pipeline(transaction=True) as pipe:
         while True:
@@ -224,15 +237,12 @@ def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: Ev
     if nobody had). The camera may start a new fall event ``cooldown_s`` after this. Raises
     EventNotFound for an unknown id and BadTransition for an event that has already ended."""
     outcome, key = EventOutcome(outcome), keys.event(event_id)
+    _check_source(source)
     with client.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(key)
-                current = load_event(pipe, keys, event_id)
-                if current is None:
-                    raise EventNotFound(event_id)
-                if pipe.hget(key, "active") != b"1":
-                    raise BadTransition(f"event {event_id} has already ended")
+                current = _check_resolvable(load_event(pipe, keys, event_id), event_id, pipe.hget(key, "active"))
                 event = _resolved(current, by, outcome, note, source, clock())
                 _queue_resolve(pipe, keys, event, maxlen, cooldown_s)
                 break
@@ -240,6 +250,18 @@ def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: Ev
                 continue
     log.info("alert_resolved", event_id=event_id, by=by, outcome=outcome.value, source=source)
     return event
+
+
+def _check_resolvable(current: AlertEvent | None, event_id: str, active: bytes | None) -> AlertEvent:
+    if current is None:
+        raise EventNotFound(event_id)
+    if current.kind is not EventKind.FALL:
+        raise BadTransition(f"event {event_id} is a {current.kind.value} event; only fall events take an outcome")
+    if current.outcome is not None:
+        raise BadTransition(f"event {event_id} was already resolved as {current.outcome.value} by {current.resolved_by}")
+    if active != b"1":
+        raise BadTransition(f"event {event_id} has already ended")
+    return current
 
 
 def _resolved(current: AlertEvent, by: str, outcome: EventOutcome, note: str, source: str, at: float) -> AlertEvent:
@@ -261,4 +283,14 @@ def _queue_resolve(pipe: Any, keys: Keys, event: AlertEvent, maxlen: int, cooldo
     if not state.active:
         pipe.srem(keys.alert_cameras(), event.camera_id)
     pipe.zrem(keys.escalations(), event.event_id)
+    pipe.xadd(keys.outcomes_stream(), encode(outcome_record(event)), maxlen=OUTCOMES_MAXLEN, approximate=True)
     pipe.execute()
+
+
+def outcome_record(event: AlertEvent) -> OutcomeRecord:
+    """The ground truth a resolve leaves: the outcome against the event's frame ids."""
+    assert event.outcome is not None and event.resolved_by is not None and event.resolved_at is not None
+    return OutcomeRecord(event_id=event.event_id, camera_id=event.camera_id, started_at=event.started_at,
+                         frame_ids=event.frame_ids, outcome=event.outcome, note=event.outcome_note or "",
+                         by=event.resolved_by, source=event.ack_source or "cli", at=event.resolved_at,
+                         confidence=event.confidence, decided_by=event.decided_by)

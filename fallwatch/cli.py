@@ -103,7 +103,7 @@ def redis_cmd(ctx: typer.Context) -> None:
 @app.command("health")
 def health(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts.")] = "redis",
+    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts, web.")] = "redis",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""
@@ -148,7 +148,8 @@ def _heartbeat_health(role: str):
 
 
 # role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
-HEALTH_CHECKS = {"redis": _redis_health, **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts")}}
+HEALTH_CHECKS = {"redis": _redis_health,
+                 **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts", "web")}}
 
 
 @app.command("up")
@@ -157,11 +158,12 @@ def up(
     edge_workers: Annotated[int, typer.Option(min=0, max=64, help="Edge worker processes.")] = 1,
     cloud: Annotated[bool, typer.Option(help="Run a cloud worker here too (needs the cloud model).")] = True,
     ingest: Annotated[bool, typer.Option(help="Ingest the cameras in settings.")] = True,
+    web: Annotated[bool, typer.Option(help="Run the caregiver web station (when web users exist).")] = True,
 ) -> None:
     """Run every role on this machine (embedded Redis unless redis.url is set); Ctrl-C stops all."""
     app_ctx = app_context(ctx)
     settings = app_ctx.settings
-    specs = role_specs(settings, edge_workers, cloud, ingest)
+    specs = role_specs(settings, edge_workers, cloud, ingest, web)
     stop = stop_on_signals()
     try:
         with RedisHandle(settings.redis) as handle:
@@ -204,7 +206,7 @@ def demo(
         raise typer.Exit(1)
 
 
-def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool) -> list[RoleSpec]:
+def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool, web: bool = False) -> list[RoleSpec]:
     specs = []
     if ingest and any(c.enabled for c in settings.cameras):
         specs.append(RoleSpec("ingest", ("ingest",)))
@@ -212,6 +214,11 @@ def role_specs(settings, edge_workers: int, cloud: bool, ingest: bool) -> list[R
     if cloud:
         specs.append(RoleSpec("cloud", ("cloud",)))
     specs.append(RoleSpec("alerts", ("alerts",)))
+    if web and settings.web.enabled:
+        if settings.web.users or settings.web.users_file.exists():
+            specs.append(RoleSpec("web", ("web",)))
+        else:
+            log.warning("web_not_started", reason="no web users", hint="fallwatch web user add NAME --role admin")
     return specs
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -51,10 +53,10 @@ class DemoConfig:
     seed: int = 0
 
 
-def _run(args: list[str], env: dict[str, str], what: str) -> str:
+def _run(args: list[str], env: dict[str, str], what: str, stdin: str | None = None) -> str:
     """Run one fallwatch sub-command; raise with its stderr when it fails."""
     log.info("demo_step", step=what)
-    proc = subprocess.run(fallwatch_argv(args, log_format="json"), env=env, capture_output=True, text=True)
+    proc = subprocess.run(fallwatch_argv(args, log_format="json"), env=env, capture_output=True, text=True, input=stdin)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -103,6 +105,24 @@ def live_env(cfg: DemoConfig, base: dict[str, str], redis_url: str, switcher: Pa
     return env
 
 
+def web_login(cfg: DemoConfig, env: dict[str, str]) -> dict[str, str] | None:
+    """A one-time admin login for the caregiver station of this run (None without the web extra)."""
+    users = (cfg.workdir / "web-users.yaml").absolute()
+    users.unlink(missing_ok=True)
+    password = secrets.token_urlsafe(12)
+    try:
+        _run(["web", "user", "add", "demo", "--role", "admin", "--password-stdin", "--file", str(users)], env,
+             "web user", stdin=password + "\n")
+    except RuntimeError as exc:
+        print(f"  caregiver station not started: {str(exc).splitlines()[0]}", flush=True)
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"users_file": str(users), "port": str(port), "password": password,
+            "url": f"http://127.0.0.1:{port}/"}
+
+
 def _print_alert(message: dict[str, Any]) -> None:
     print(f"  notified: {message.get('title', '')} | {str(message.get('message', '')).splitlines()[0][:100]}", flush=True)
 
@@ -134,7 +154,11 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
         client = redis.Redis.from_url(server.url)
         client.flushall()
         env = live_env(cfg, base_env, server.url, switcher, hook.url())
-        workers = ("edge", "cloud", "alerts")
+        web = web_login(cfg, env)
+        workers: tuple[str, ...] = ("edge", "cloud", "alerts")
+        if web is not None:
+            env.update({"FALLWATCH_WEB__USERS_FILE": web["users_file"], "FALLWATCH_WEB__PORT": web["port"]})
+            workers += ("web",)
         sup = Supervisor([RoleSpec(role, (role,)) for role in workers], env, log_format="json")
         replay = RoleSpec("replay", ("replay", "--clips", str(clips), "--fps", str(cfg.fps), "--camera-id", camera),
                           restart=False)
@@ -146,12 +170,16 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
         runner.start()
         try:
             _wait_for_workers(client, keys, workers, started + cfg.timeout_s)
+            if web is not None:
+                print(f"  caregiver station: {web['url']}  login: demo / {web['password']}  (this run only)", flush=True)
             sup.add(replay)  # the clock of every latency starts with the models loaded
             _wait_until_done(client, keys, sup, camera, started + cfg.timeout_s)
         finally:
             stop.set()
             runner.join(60)
             follower.join(5)
+        if web is not None:
+            Path(web["users_file"]).unlink(missing_ok=True)  # the login dies with the run
         summary = summarise(client, keys, camera, hook.count())
         summary["replay_exit_codes"] = sup.children["replay"].exit_codes
         summary["seconds"] = round(time.monotonic() - started, 1)

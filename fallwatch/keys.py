@@ -153,6 +153,31 @@ class Keys:
         """Sorted set: fall events awaiting their next escalation tier, scored by due time."""
         return self._k("escalations")
 
+    # --- web station -----------------------------------------------------------------------
+    def events_index(self) -> str:
+        """Sorted set of event ids scored by start time (the history pages read it)."""
+        return self._k("events")
+
+    def outcomes_stream(self) -> str:
+        """Durable log of resolved fall events (OutcomeRecord): alert ground truth."""
+        return self._k("stream", "outcomes")
+
+    def web_session(self, session_id: str) -> str:
+        """Hash with a TTL: one signed-in web session (user, role, CSRF token)."""
+        return self._k("web", "session", session_id)
+
+    def web_login_failures(self, scope: str, who: str) -> str:
+        """Counter with a TTL: failed logins of one user name or client address."""
+        return self._k("web", "login-failures", scope, who)
+
+    def web_secret(self) -> str:
+        """Cookie-signing key shared by every web process (when web.secret_key is not set)."""
+        return self._k("web", "secret")
+
+    def web_audit_stream(self) -> str:
+        """Who viewed which snapshot, and other audited web actions."""
+        return self._k("stream", "web-audit")
+
     # --- RQ ------------------------------------------------------------------------------
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""

@@ -75,7 +75,7 @@ class EventKind(StrEnum):
 
 
 class EventOutcome(StrEnum):
-    """How a person closed an event."""
+    """What a person found when they resolved a fall event: the ground truth of an alert."""
 
     CONFIRMED_FALL = "confirmed_fall"
     FALSE_ALARM = "false_alarm"
@@ -181,10 +181,10 @@ class AlertEvent(Message):
     acknowledged: bool = False
     acknowledged_by: str | None = None
     description: str | None = None
-    ack_source: str | None = None
+    ack_source: str | None = Field(None, max_length=16, description="Where the ack came from: cli, web, mqtt.")
     acknowledged_at: float | None = None
-    outcome: EventOutcome | None = None
-    outcome_note: str | None = None
+    outcome: EventOutcome | None = Field(None, description="Set when a person resolved the event.")
+    outcome_note: str | None = Field(None, max_length=2000)
     resolved_by: str | None = None
     resolved_at: float | None = None
     still_seen: bool | None = Field(None, description="Fall events: do the models still see the fall?")
@@ -219,6 +219,26 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     m.type_name: m
     for m in (FrameMessage, EdgeVerdict, OffloadRequest, CloudVerdict, FinalVerdict, AlertEvent, CameraStatus, DeadLetter)
 }
+
+
+class OutcomeRecord(Message):
+    """A resolved fall event as ground truth: its outcome stored against the event's frame ids."""
+
+    type_name: ClassVar[str] = "outcome"
+    event_id: str = Field(..., min_length=1, max_length=64)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    started_at: float = Field(..., gt=0)
+    frame_ids: list[str] = Field(default_factory=list, max_length=1000)
+    outcome: EventOutcome
+    note: str = Field("", max_length=2000)
+    by: str = Field(..., min_length=1, max_length=64)
+    source: str = Field("cli", max_length=16)
+    at: float = Field(default_factory=now)
+    confidence: float | None = Field(None, ge=0, le=1)
+    decided_by: Decider | None = None
+
+
+MESSAGE_TYPES[OutcomeRecord.type_name] = OutcomeRecord
 
 
 def _pixel_field(i: int) -> bytes:

@@ -290,6 +290,58 @@ class MqttSettings(Section):
     @property
     def enabled(self) -> bool:
         return self.host is not None
+ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
+
+
+class WebUser(Section):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$", description="Login name.")
+    role: Literal["caregiver", "admin"] = Field("caregiver", description="caregiver: alerts and cameras; admin: also the admin page.")
+    password_hash: SecretStr = Field(..., description="argon2 hash written by `fallwatch web user add`; never a password.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plain_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError("a plain password is refused; store an argon2 hash with `fallwatch web user add NAME`")
+        return data
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_argon2(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(ARGON2_PREFIXES):
+            raise ValueError("not an argon2 hash (a plain password is refused); use `fallwatch web user add NAME`")
+        return value
+
+
+class WebSettings(Section):
+    enabled: bool = Field(True, description="`fallwatch up` runs the web station when users exist.")
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address (put a TLS reverse proxy in front).")
+    port: int = Field(8080, ge=0, le=65535, description="Port; 0 = any free port.")
+    users: list[WebUser] = Field(default_factory=list, description="Users and roles (argon2 hashes).")
+    users_file: Path = Field(Path(".fallwatch/web-users.yaml"),
+                             description="More users, written by `fallwatch web user add`.")
+    secret_key: SecretStr | None = Field(None, description="Cookie-signing key. Empty: one random key kept in Redis.")
+    session_ttl_s: int = Field(12 * 3600, ge=60, le=30 * 86400, description="A session expires this long after login.")
+    idle_timeout_s: int = Field(3600, ge=60, le=30 * 86400, description="... or after this long without a request.")
+    login_max_failures: int = Field(5, ge=1, le=1000, description="Failed logins per user or address ...")
+    login_window_s: int = Field(300, ge=1, le=86400, description="... within this window before logins are refused.")
+    secure_cookies: Literal["auto", "always", "never"] = Field(
+        "auto", description="Secure cookie flag. auto: when the request came over https (directly or via the proxy).")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="Proxies trusted for X-Forwarded-Proto/For.")
+    tls_certfile: Path | None = Field(None, description="Serve https directly with this certificate.")
+    tls_keyfile: Path | None = Field(None, description="Key of tls_certfile.")
+    snapshots: bool = Field(False, description="Let signed-in users see an event's frame while its pixels are kept.")
+    note_max_chars: int = Field(1000, ge=0, le=2000, description="Longest outcome note accepted.")
+    page_size: int = Field(20, ge=1, le=500, description="History rows per page.")
+    camera_refresh_s: float = Field(1.0, gt=0, le=60, description="How often camera tiles are re-checked for staleness.")
+
+    @field_validator("users")
+    @classmethod
+    def _unique_names(cls, users: list[WebUser]) -> list[WebUser]:
+        names = [u.name for u in users]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate web user names: {sorted({n for n in names if names.count(n) > 1})}")
+        return users
 
 
 class Settings(BaseSettings):
@@ -314,6 +366,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics and heartbeats.")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT bridge and Home Assistant discovery.")
+    web: WebSettings = Field(default_factory=WebSettings, description="Caregiver web station.")
 
     @field_validator("cameras")
     @classmethod

@@ -11,5 +11,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install --quiet -e ".[edge,cloud,dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[edge,cloud,web,dev]"
 echo "installed into $VENV"

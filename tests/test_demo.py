@@ -34,4 +34,5 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert summary["events"] >= 1
     assert summary["notifications_delivered"] >= 1
     assert "alert start" in proc.stdout and "notified: Fall detected" in proc.stdout
+    assert "caregiver station: http://127.0.0.1:" in proc.stdout and "login: demo / " in proc.stdout
     assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]

@@ -260,8 +260,10 @@ def test_resolving_a_camera_offline_event_and_offline_events_still_end_by_themse
     assert [e.type for e in svc.step().events] == [EventType.END]
     plant(r, keys.camera_status_stream(), CameraStatus(camera_id="room12", state=CameraState.OFFLINE, at=T0 + 9))
     [again] = svc.step().events
-    end = resolve(r, keys, again.event_id, "tech", "not_sure", maxlen=1000, clock=clock)
-    assert end.kind is EventKind.CAMERA_OFFLINE and r.smembers(keys.alert_cameras()) == set()
+    with pytest.raises(BadTransition, match="only fall events take an outcome"):
+        resolve(r, keys, again.event_id, "tech", "not_sure", maxlen=1000, clock=clock)
+    plant(r, keys.camera_status_stream(), CameraStatus(camera_id="room12", state=CameraState.ONLINE, at=T0 + 12))
+    assert [e.type for e in svc.step().events] == [EventType.END] and r.smembers(keys.alert_cameras()) == set()
 
 
 def test_resolve_command_and_status(cfg, r, keys, clock, redis_url):
@@ -289,7 +291,7 @@ def test_resolve_command_and_status(cfg, r, keys, clock, redis_url):
     assert "resolved confirmed_fall by night shift" in res.output
     assert load_event(r, keys, start.event_id).outcome is EventOutcome.CONFIRMED_FALL
     assert gather(r, cfg, 5).events[0].outcome == "confirmed_fall"
-    for args, message in (([start.event_id, "--outcome", "not_sure"], "already ended"),
+    for args, message in (([start.event_id, "--outcome", "not_sure"], "already resolved as confirmed_fall"),
                           (["nope", "--outcome", "not_sure"], "no alert event 'nope'"),
                           ([start.event_id, "--outcome", "maybe"], "maybe")):
         bad = CliRunner().invoke(app, ["alerts", "resolve", *args], env=env)
