@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_worker.hub import build_atomically
+from edge_worker.rng import seeded
 
 RECIPE_VERSION = 1
 TINY_SIZE = 112
@@ -129,8 +130,7 @@ def build_tiny_llava(out: Path, seed: int = 0) -> None:
     from transformers import LlavaNextVideoForConditionalGeneration
 
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlavaNextVideoForConditionalGeneration(tiny_llava_config(tokenizer))
     model.save_pretrained(out)
     build_processor(tokenizer, TINY_SIZE, chat_template()).save_pretrained(out)
