@@ -19,12 +19,9 @@ from typing import Any
 
 import torch
 
+from cloud_worker.tiny import published_tokenizer, shrunk
+
 FIXTURES = Path(__file__).parent / "fixtures"
-LLAVA_VOCAB = 32000  # Llama's base vocabulary; <video>, <image>, <pad> follow
-TINY_LLAVA_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "projection_dim": 32}
-TINY_LLAVA_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 4}
 TINY_VILT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
@@ -42,10 +39,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 def llava_config(full_size: bool = False) -> dict[str, Any]:
     """The published config.json; with ``full_size`` off, only the layer sizes are shrunk."""
     config = fixture("llava_next_video_config.json")
-    if not full_size:
-        config["vision_config"].update(TINY_LLAVA_VISION)
-        config["text_config"].update(TINY_LLAVA_TEXT)
-    return config
+    return config if full_size else shrunk(config)
 
 
 def old_llava_name(name: str) -> str:
@@ -57,20 +51,6 @@ def old_llava_name(name: str) -> str:
         if name.startswith(new):
             return old + name[len(new):]
     raise ValueError(f"unexpected weight name {name}")
-
-
-def llava_tokenizer() -> Any:
-    """A Llama-style BPE tokenizer: the tiny word list padded to Llama's 32000 ids, then the three
-    tokens LLaVA-NeXT-Video adds (so the real token ids hold)."""
-    from transformers import LlamaTokenizer
-
-    from cloud_worker.tiny import tiny_bpe
-
-    vocab, merges = tiny_bpe()
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), LLAVA_VOCAB)})
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>", "<image>", "<pad>"]})
-    return tokenizer
 
 
 def tiny_llava_state(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
@@ -113,7 +93,7 @@ def write_llava_files(out: Path, config: dict[str, Any]) -> None:
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
                                                  "pad_token_id": 0, "transformers_version": "4.42.0.dev0"})
-    llava_tokenizer().backend_tokenizer.save(str(out / "tokenizer.json"))
+    published_tokenizer().backend_tokenizer.save(str(out / "tokenizer.json"))
     write_json(out / "tokenizer_config.json", fixture("llava_next_video_tokenizer_config.json"))
     write_json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
                                                  "unk_token": "<unk>"})
