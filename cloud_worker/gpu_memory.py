@@ -80,16 +80,17 @@ def batch_for(free_bytes: float, config: Any, activation_bytes: int = 2) -> int:
     return max(1, min(MAX_BATCH, fits))
 
 
-def memory_table(config: Any, cards_gib: tuple[int, ...] = (16, 24, 48, 80)) -> list[dict[str, Any]]:
-    """Per card size and precision: weights, what is left, and the batch of 640x640 images that fits."""
+def memory_table(config: Any, cards_gb: tuple[int, ...] = (16, 24, 48, 80)) -> list[dict[str, Any]]:
+    """Per card size and precision: weights, what is left, and the batch of 640x640 images that fits.
+    A card's size is taken as its nominal GB (10^9 bytes): at or below what torch reports for it."""
     counts = param_counts(config)
     rows = []
-    for card in cards_gib:
+    for card in cards_gb:
         for precision in ("bf16", "8bit", "4bit"):
             weights = weight_bytes(counts, precision)
-            left = card * GIB - weights
+            left = card * 1e9 - weights
             batch = batch_for(left, config) if left - RESERVE_BYTES >= item_bytes(config) else 0
-            rows.append({"gpu_gib": card, "precision": precision, "weights_gib": round(weights / GIB, 1),
+            rows.append({"gpu_gb": card, "precision": precision, "weights_gib": round(weights / GIB, 1),
                          "left_gib": round(left / GIB, 1), "batch": batch})
     return rows
 
@@ -99,5 +100,5 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|"]
     for r in rows:
         batch = "does not fit" if r["batch"] == 0 else str(r["batch"])
-        lines.append(f"| {r['gpu_gib']} GB | {r['precision']} | {r['weights_gib']} GiB | {r['left_gib']} GiB | {batch} |")
+        lines.append(f"| {r['gpu_gb']} GB | {r['precision']} | {r['weights_gib']} GiB | {r['left_gib']} GiB | {batch} |")
     return "\n".join(lines)

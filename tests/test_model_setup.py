@@ -43,12 +43,14 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> list[object]:
     return seen
 
 
-def test_bf16_falls_back_to_fp16_on_gpus_without_it(monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_bf16_falls_back_to_fp16_on_gpus_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
     seen = fake_gpu(monkeypatch, bf16=False)
-    assert resolve_dtype("bf16", GPU) == torch.float16
+    with capture_logs() as logs:
+        assert resolve_dtype("bf16", GPU) == torch.float16
     assert seen == [False]  # emulated bf16 does not count
-    assert "cloud_dtype_fallback" in capsys.readouterr().out
+    assert [(e["event"], e["used"], e["gpu"]) for e in logs] == [("cloud_dtype_fallback", "fp16", "Tesla T4")]
     fake_gpu(monkeypatch, bf16=True)
     assert resolve_dtype("bf16", GPU) == torch.bfloat16
     assert resolve_dtype("fp16", GPU) == torch.float16
@@ -60,7 +62,7 @@ def test_memory_table_for_the_7b_model() -> None:
     assert abs(counts.quantisable + counts.other - 7.063e9) < 1e6
     assert gpu_memory.weight_bytes(counts, "bf16") / gpu_memory.GIB == pytest.approx(13.16, abs=0.01)
     assert gpu_memory.max_image_tokens(config) == 2928
-    rows = {(r["gpu_gib"], r["precision"]): r for r in gpu_memory.memory_table(config)}
+    rows = {(r["gpu_gb"], r["precision"]): r for r in gpu_memory.memory_table(config)}
     assert rows[(80, "bf16")]["batch"] == gpu_memory.MAX_BATCH
     assert rows[(16, "bf16")]["batch"] < rows[(24, "bf16")]["batch"] < rows[(48, "bf16")]["batch"]
     assert rows[(16, "4bit")]["batch"] > rows[(16, "8bit")]["batch"] > rows[(16, "bf16")]["batch"]
