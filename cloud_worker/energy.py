@@ -66,7 +66,7 @@ class EnergyMeter:
         try:
             procs = [*pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle),
                      *pynvml.nvmlDeviceGetGraphicsRunningProcesses(self.handle)]
-        except pynvml.NVMLError as exc:
+        except (pynvml.NVMLError, AttributeError) as exc:  # AttributeError: an NVML binding without the call
             log.warning("gpu_processes_unavailable", device=str(self.device), error=str(exc))
             return None
         return len({p.pid for p in procs} - {os.getpid()})

@@ -153,7 +153,6 @@ def tiny_llava_config(tokenizer: Any) -> Any:
 
 def build_tiny_llava(out: Path, seed: int = 0) -> None:
     """Write the tiny model and its processor (with the shipped chat template) into ``out``."""
-    import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
     tokenizer = build_tokenizer()

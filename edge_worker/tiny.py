@@ -88,7 +88,6 @@ def vilt_b32_vqa_config():
 
 def build_tiny_vilt(out: Path, seed: int = 0) -> None:
     """Write the tiny model, processor and tokenizer into ``out`` with ``save_pretrained``."""
-    import torch
     from transformers import BertTokenizer, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
 
     vocab = tiny_vocab()
