@@ -3,6 +3,11 @@
 ``EnergyMeter.for_device(device)`` gives a meter whose ``read_j()`` returns the counter in joules,
 or None when there is no counter (CPU, no NVML, a GPU without the counter). Callers take the
 difference of two reads around a batch; nothing is ever estimated.
+
+The counter is the whole GPU's, not this process's: other processes' work on the same GPU during
+the batch is in the difference too, and a per-item figure is the batch's energy split evenly over
+its items. ``other_processes()`` counts the other processes NVML sees on the GPU, so every
+measurement can say whether it had the GPU to itself.
 """
 
 from __future__ import annotations
@@ -48,6 +53,23 @@ class EnergyMeter:
         except pynvml.NVMLError as exc:
             log.warning("energy_read_failed", device=str(self.device), error=str(exc))
             return None
+
+
+    def other_processes(self) -> int | None:
+        """Processes other than this one holding a compute or graphics context on the GPU (None: unknown)."""
+        if self.handle is None:
+            return None
+        import os
+
+        import pynvml
+
+        try:
+            procs = [*pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle),
+                     *pynvml.nvmlDeviceGetGraphicsRunningProcesses(self.handle)]
+        except (pynvml.NVMLError, AttributeError) as exc:  # AttributeError: an NVML binding without the call
+            log.warning("gpu_processes_unavailable", device=str(self.device), error=str(exc))
+            return None
+        return len({p.pid for p in procs} - {os.getpid()})
 
 
 def _nvml_handle(pynvml: Any, device: torch.device) -> Any:

@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from edge_worker.hub import build_atomically
+from edge_worker.rng import seeded
 
 RECIPE_VERSION = 1
 TINY_SIZE = 112
 PATCH = 14
 TEMPLATE = "llava_next_video.jinja"
+LLAMA_VOCAB = 32000
+SHRUNK_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "projection_dim": 32}
+SHRUNK_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 4}
 SPECIAL_TOKENS = {"image_token": "<image>", "video_token": "<video>"}
 WORDS = (
     "USER ASSISTANT SYSTEM Is is Are are the a an person people someone man woman falling fall fallen "
@@ -84,6 +90,28 @@ def build_tokenizer() -> Any:
     )
 
 
+def shrunk(config: dict[str, Any]) -> dict[str, Any]:
+    """A LLaVA-NeXT-Video config dict with tiny layers: image size, patches, anyres grid, token ids
+    and feature strategy stay as they are (so token counts are the real model's)."""
+    out = {**config, "vision_config": {**config["vision_config"], **SHRUNK_VISION},
+           "text_config": {**config["text_config"], **SHRUNK_TEXT}}
+    return out
+
+
+def published_tokenizer() -> Any:
+    """The tiny word list as a Llama-style tokenizer with LLaVA-NeXT-Video-7B's token ids: padded to
+    Llama's 32000 ids, then ``<video>`` 32000, ``<image>`` 32001 and ``<pad>`` 32002 (as its repo
+    adds them, without ``extra_special_tokens``), so the full-size config runs offline."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = tiny_bpe()
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), LLAMA_VOCAB)})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>", "<image>", "<pad>"]})
+    tokenizer.pad_token = "<pad>"
+    return tokenizer
+
+
 def build_processor(tokenizer: Any, size: int, template: str | None = None) -> Any:
     """The official ``LlavaNextVideoProcessor`` assembled offline for ``size`` px tiles."""
     from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor
@@ -125,12 +153,10 @@ def tiny_llava_config(tokenizer: Any) -> Any:
 
 def build_tiny_llava(out: Path, seed: int = 0) -> None:
     """Write the tiny model and its processor (with the shipped chat template) into ``out``."""
-    import torch
     from transformers import LlavaNextVideoForConditionalGeneration
 
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlavaNextVideoForConditionalGeneration(tiny_llava_config(tokenizer))
     model.save_pretrained(out)
     build_processor(tokenizer, TINY_SIZE, chat_template()).save_pretrained(out)

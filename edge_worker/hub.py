@@ -30,7 +30,15 @@ MARKER = "fallwatch_tiny.json"
 
 
 class ModelNotAvailable(RuntimeError):
-    """A model cannot be loaded from where it was asked for. The message says what to do."""
+    """A model cannot be loaded from where it was asked for. The message says what to do.
+
+    Every load failure (missing file, wrong layout, missing optional package, no GPU) is this
+    exception with a one-line message; the commands print it as one line, without a traceback.
+    """
+
+
+class ModelSetupError(ModelNotAvailable, ValueError):
+    """A model setting this machine cannot satisfy (no GPU, an optional package not installed)."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +104,35 @@ def not_available(kind: str, source: ModelSource, reason: str) -> ModelNotAvaila
     )
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the message alone for our own errors)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, ModelNotAvailable) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def cannot_load(kind: str, source: ModelSource, exc: BaseException) -> ModelNotAvailable:
+    """The one-line error for a model whose files are there but do not load."""
+    if isinstance(exc, ModelNotAvailable):
+        return exc
+    return ModelNotAvailable(
+        f"{kind} model at {source.location} cannot be loaded ({first_line(exc)}); point the setting at a "
+        f"directory saved by save_pretrained or laid out like the model's hub repository"
+    )
+
+
 def load_pretrained(kind: str, source: ModelSource, loader: Callable[..., object], **kwargs: object) -> object:
-    """Call ``loader(location, **kwargs)`` (a ``from_pretrained``): cache first, hub only if reachable."""
+    """Call ``loader(location, **kwargs)`` (a ``from_pretrained``): cache first, hub only if reachable.
+
+    Any failure becomes a one-line :class:`ModelNotAvailable` (transformers raises OSError for a
+    missing file, and ValueError, KeyError, RecursionError... for a layout it does not read)."""
     cache_kwargs = {"cache_dir": str(source.hf_cache_dir)} if source.hf_cache_dir else {}
     try:
         return loader(source.location, local_files_only=True, **cache_kwargs, **kwargs)
     except OSError as exc:
         if source.local_only:
-            raise ModelNotAvailable(f"{kind} model at {source.location} cannot be loaded: {exc}") from None
+            raise cannot_load(kind, source, exc) from None
+    except Exception as exc:  # noqa: BLE001 - a layout transformers cannot read: one line, no traceback
+        raise cannot_load(kind, source, exc) from None
     if not hub_reachable():
         raise not_available(kind, source, "the Hugging Face hub cannot be reached")
     log.info("model_download", kind=kind, model=source.name)
@@ -111,6 +140,31 @@ def load_pretrained(kind: str, source: ModelSource, loader: Callable[..., object
         return loader(source.location, **cache_kwargs, **kwargs)
     except OSError as exc:
         raise not_available(kind, source, f"downloading it failed ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise cannot_load(kind, source, exc) from None
+
+
+def check_model_type(kind: str, source: ModelSource, config: object, expected: str, example: str) -> None:
+    """A clear error when a directory holds another kind of model than the role needs."""
+    found = getattr(config, "model_type", None)
+    if found != expected:
+        raise ModelNotAvailable(
+            f"{kind} model at {source.location} is a {found!r} model, not {expected!r}; use e.g. {example}"
+        )
+
+
+def check_weights(kind: str, source: ModelSource, info: dict[str, object]) -> None:
+    """Fail when ``from_pretrained`` filled weights with random values (names it could not map) or
+    reshaped them; transformers itself only warns, and the model would then score noise."""
+    missing = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        raise ModelNotAvailable(
+            f"{kind} model at {source.location}: {len(missing)} weights are missing or mis-shaped in its checkpoint "
+            f"(e.g. {missing[0]!r}), so its weight names or sizes are not a layout this transformers version reads"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.warning("model_unused_weights", kind=kind, model=source.name, count=len(unexpected), first=unexpected[0])
 
 
 def build_atomically(target: Path, recipe: dict[str, object], build: Callable[[Path], None]) -> Path:

@@ -30,7 +30,10 @@ import numpy as np
 import structlog
 import torch
 
-from edge_worker.hub import ModelNotAvailable, load_pretrained, resolve
+from edge_worker.hub import (
+    ModelNotAvailable, ModelSetupError, check_model_type, check_weights, load_pretrained, resolve,
+)
+from edge_worker.rng import seeded
 from edge_worker.tiny import ensure_tiny_vilt
 from fallwatch.settings import EdgeSettings
 
@@ -92,16 +95,21 @@ class EdgeModel:
     @classmethod
     def load(cls, cfg: EdgeSettings, cache_dir: Path | None = None) -> "EdgeModel":
         """Load ``cfg.model`` (hub id, local directory or ``tiny``) as configured by ``cfg``."""
-        from transformers import ViltForQuestionAnswering, ViltProcessor
+        from transformers import AutoConfig, ViltForQuestionAnswering, ViltProcessor
 
         _check_modes(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         source = resolve(cfg.model, "edge", ensure_tiny_vilt, cache_dir)
+        config = load_pretrained("edge", source, AutoConfig.from_pretrained)
+        check_model_type("edge", source, config, "vilt", "dandelin/vilt-b32-finetuned-vqa")
+        answer_ids(config, cfg.model)  # fail before the weights load
         processor = load_pretrained("edge", source, ViltProcessor.from_pretrained)
-        model = load_pretrained("edge", source, ViltForQuestionAnswering.from_pretrained, dtype=DTYPES[cfg.dtype])
         device = torch.device(cfg.device)
-        model = model.to(device).eval()
+        model, info = load_pretrained("edge", source, ViltForQuestionAnswering.from_pretrained, dtype=DTYPES[cfg.dtype],
+                                      output_loading_info=True)
+        check_weights("edge", source, info)
+        model = model.to(device).eval()  # 118M parameters: no need for device_map (and accelerate)
         if cfg.int8:
             model = quantize_int8(model)
         log.info("edge_model_loaded", model=cfg.model, dtype=cfg.dtype, int8=cfg.int8, device=cfg.device)
@@ -136,8 +144,7 @@ class EdgeModel:
             raise ValueError("EdgeModel needs at least one image")
         # ViLT shuffles its patch tokens with torch.multinomial: a fixed private seed makes the
         # scores reproducible bit for bit and leaves the caller's RNG untouched.
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.inference_mode(), seeded(0, self.device):
             pixels = self.preprocess(images)
             per_question = [self._forward(q, pixels) for q in self._encoded]
         return EdgeOutputs(
@@ -176,14 +183,14 @@ class EdgeModel:
         q = self._encoded[0]
         images = [torch.full((3, 64, 80), 90, dtype=torch.uint8), torch.full((3, 64, 64), 160, dtype=torch.uint8)]
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            with torch.inference_mode():
                 pixels = self.preprocess(images)
                 tokens = q.tokens(len(images))
-                torch.manual_seed(0)
-                fast = pooled_output(self.model.vilt, *tokens, pixels).float()
-                torch.manual_seed(0)
-                ref = self.model.vilt(input_ids=tokens[0], attention_mask=tokens[1], token_type_ids=tokens[2],
-                                      **pixels).pooler_output.float()
+                with seeded(0, self.device):
+                    fast = pooled_output(self.model.vilt, *tokens, pixels).float()
+                with seeded(0, self.device):
+                    ref = self.model.vilt(input_ids=tokens[0], attention_mask=tokens[1], token_type_ids=tokens[2],
+                                          **pixels).pooler_output.float()
         except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
             log.warning("edge_fast_path_disabled", model=self.model_id, error=str(exc))
             return False
@@ -266,9 +273,9 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 def _check_modes(cfg: EdgeSettings) -> None:
     if cfg.int8 and (cfg.dtype != "fp32" or cfg.device != "cpu"):
-        raise ValueError(
+        raise ModelSetupError(
             f"edge.int8 (dynamic quantisation) needs edge.dtype=fp32 and edge.device=cpu, "
             f"got dtype={cfg.dtype} device={cfg.device}"
         )
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"edge.device is {cfg.device!r} but torch sees no CUDA device; set edge.device: cpu")
+        raise ModelSetupError(f"edge.device is {cfg.device!r} but torch sees no CUDA device; set edge.device: cpu")

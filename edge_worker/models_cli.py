@@ -39,7 +39,8 @@ class CloudCheck:
     p_fall_image: float
     p_fall_video: float
     ms_per_item: float
-    energy_j: float | None
+    energy_j: float | None  # the whole GPU's NVML counter over the call (other processes included)
+    gpu_other_processes: int | None = None  # other processes on the GPU meanwhile; None: not known
 
 
 @dataclass(frozen=True)
@@ -100,14 +101,15 @@ def make_tiny(
 
 
 def fail(exc: BaseException) -> None:
-    """One red line on stderr, exit 1 (the traceback only in debug logs)."""
+    """One red line on stderr (the traceback only in debug logs): exit 2 when the model cannot be
+    loaded as configured (a setting or a directory to fix), 1 for anything else."""
     from edge_worker.hub import ModelNotAvailable
 
     log.debug("models_command_failed", exc_info=exc)
     known = isinstance(exc, (ModelNotAvailable, ValueError, OSError))
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     typer.secho(f"error: {message}" if known else f"error: {type(exc).__name__}: {message}", fg="red", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(2 if isinstance(exc, ModelNotAvailable) else 1)
 
 
 def run_check(
@@ -190,6 +192,7 @@ def _check_cloud(cfg: Any, frame: Any, clip: Any, cache_dir: Path | None) -> Clo
         p_fall_video=float(scores.p_fall[1]),
         ms_per_item=round(1000 * scores.wall_s / 2, 2),
         energy_j=scores.energy_j,
+        gpu_other_processes=scores.gpu_other_processes,
     )
 
 
@@ -200,7 +203,7 @@ def print_report(report: CheckReport) -> None:
         f"edge  {e.model}: loaded in {e.load_s:.2f} s, feature size {e.feature_dim}, "
         f"{e.image_tokens} image + {e.text_tokens} text tokens, p_fall {e.p_fall:.3f}, {e.ms_per_item:.1f} ms/item"
     )
-    energy = "n/a" if c.energy_j is None else f"{c.energy_j:.1f} J"
+    energy = "n/a" if c.energy_j is None else f"{c.energy_j:.1f} J (whole GPU, {c.gpu_other_processes} other processes)"
     typer.echo(
         f"cloud {c.model} ({c.device}, {c.dtype}): loaded in {c.load_s:.2f} s, {c.image_tokens} image tokens, "
         f"{c.video_tokens} video tokens, prompts {c.prompt_tokens} tokens, p_fall image {c.p_fall_image:.3f} "

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_worker.hub import build_atomically
+from edge_worker.rng import seeded
 
 RECIPE_VERSION = 2
 HIDDEN = 32
@@ -87,14 +88,12 @@ def vilt_b32_vqa_config():
 
 def build_tiny_vilt(out: Path, seed: int = 0) -> None:
     """Write the tiny model, processor and tokenizer into ``out`` with ``save_pretrained``."""
-    import torch
     from transformers import BertTokenizer, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
 
     vocab = tiny_vocab()
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=40)
     image_processor = ViltImageProcessor(size={"shortest_edge": 384}, size_divisor=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = ViltForQuestionAnswering(tiny_vilt_config(len(vocab)))
     processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
     centre_yes_no(model, processor, seed)
@@ -122,8 +121,7 @@ def centre_yes_no(model, processor, seed: int) -> None:
     enc = processor(images=centring_images(seed), text=["is the person falling?"] * 32, return_tensors="pt",
                     padding=True)
     model.eval()
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # ViLT samples image patches at random
+    with torch.inference_mode(), seeded(seed):  # ViLT samples image patches at random
         logits = model(**enc).logits
         diff = (logits[:, yes] - logits[:, no]).median()
         model.classifier[3].bias[yes] -= diff

@@ -210,6 +210,10 @@ class CloudSettings(Section):
     job_timeout_s: int = Field(120, ge=1, le=3600, description="RQ job timeout.")
     retries: int = Field(2, ge=0, le=20, description="RQ retries of a failed job.")
     describe: bool = Field(False, description="Generate a text description for notifications.")
+    forward_batch: int | None = Field(
+        None, ge=1, le=64, description="Most items in one forward pass of the cloud model (a job's batch is split "
+        "into passes of this size); unset: as many as fit in the GPU memory left after loading (docs/dmd.md), "
+        "no limit on the CPU.")
 
 
 class AlertsSettings(Section):

@@ -80,7 +80,7 @@ def test_check_human_output(cache: Path) -> None:
 
 def test_missing_model_is_one_red_line(cache: Path) -> None:
     result = run("check", "--edge", "fallwatch-test/absent-vilt", "--cloud", "tiny", "--cache-dir", str(cache))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "hf download fallwatch-test/absent-vilt" in errors[0]
     assert "Traceback" not in result.stderr + result.stdout
