@@ -55,6 +55,7 @@ DECIDER_TEXT = {
     Decider.CLOUD: "cloud model (LLaVA-NeXT-Video)",
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
+    Decider.CLOUD_AUDIT: "cloud model (LLaVA-NeXT-Video), auditing a no-fall edge verdict",
 }
 
 

@@ -137,6 +137,17 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def weights_version(weights: Mapping[str, np.ndarray]) -> str:
+    """A short content hash of a switcher's weights: its version when the card names none."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:12]
+
+
 class Switcher:
     """A trained switcher, ready for the edge hot path (inference mode, one thread, no autograd)."""
 
@@ -152,6 +163,7 @@ class Switcher:
         self._mean = torch.tensor(card["standardise"]["mean"], dtype=torch.float32)
         self._inv_std = 1.0 / torch.tensor(card["standardise"]["std"], dtype=torch.float32)
         self._layers = self._linear_layers(weights)
+        self.version: str = str(card.get("version") or weights_version(weights))
 
     def _linear_layers(self, weights: Mapping[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         names = sorted({k.rsplit(".", 1)[0] for k in weights}, key=lambda n: int(n.split(".")[-1]))
