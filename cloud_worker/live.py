@@ -30,7 +30,8 @@ def load_stashed(client: Any, reqs: Sequence[OffloadRequest]) -> list[dict | Non
     return [(next(found) or None) if r.features_key else None for r in reqs]
 
 
-def make_record(req: OffloadRequest, verdict: CloudVerdict, stashed: dict) -> tuple[DmdRecord, bytes]:
+def make_record(req: OffloadRequest, verdict: CloudVerdict, stashed: dict,
+                cloud_model_id: str = "") -> tuple[DmdRecord, bytes]:
     ctx = EdgeContext.from_json(stashed[dmd_store.META_FIELD])
     raw = stashed[dmd_store.FEATURES_FIELD]
     cloud_p = float(verdict.p_fall if verdict.p_fall is not None else float(bool(verdict.is_fall)))
@@ -39,7 +40,7 @@ def make_record(req: OffloadRequest, verdict: CloudVerdict, stashed: dict) -> tu
         cloud_p_fall=cloud_p, agree=(req.edge_p_fall >= 0.5) == (cloud_p >= 0.5), route=req.route,
         inclusion=req.inclusion, edge_model_id=ctx.edge_model_id, questions=list(ctx.questions),
         feature_dim=len(raw) // dmd_store.FEATURE_DTYPE.itemsize, switcher_version=ctx.switcher_version,
-        gt_fall=req.gt_fall,
+        gt_fall=req.gt_fall, kind=req.kind, cloud_model_id=cloud_model_id,
     )
     return record, raw
 
@@ -52,7 +53,7 @@ def queue_records(rt: Any, pipe: Any, reqs: Sequence[OffloadRequest], verdicts: 
         if stashed is None:
             log.info("dmd_features_expired", frame=req.frame_id)
             continue
-        record, raw = make_record(req, verdict, stashed)
+        record, raw = make_record(req, verdict, stashed, str(getattr(rt.model, "model_id", "")))
         dmd_store.append(pipe, rt.keys, rt.settings.dmd, record, raw)
         written += 1
     return written

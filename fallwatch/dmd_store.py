@@ -76,7 +76,7 @@ def append(pipe: Any, keys: Keys, cfg: DmdSettings, record: DmdRecord, features:
     stream = keys.dmd_store()
     pipe.xadd(stream, store_fields(record, features), maxlen=cfg.store_maxlen, approximate=True)
     oldest_ms = int(((now or time.time()) - cfg.store_max_age_s) * 1000)
-    pipe.xtrim(stream, minid=f"{max(oldest_ms, 0)}-0", approximate=True)
+    pipe.xtrim(stream, minid=f"{max(oldest_ms, 0)}-0", approximate=False)
 
 
 @dataclass(frozen=True)

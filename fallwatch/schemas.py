@@ -231,6 +231,8 @@ class DmdRecord(Message):
     switcher_version: str | None = Field(None, max_length=64)
     gt_fall: bool | None = None
     recorded_at: float = Field(default_factory=now)
+    kind: ItemKind = ItemKind.IMAGE
+    cloud_model_id: str = Field("", max_length=500)
 
 
 MESSAGE_TYPES[DmdRecord.type_name] = DmdRecord

@@ -265,3 +265,6 @@ def register(app: typer.Typer) -> None:
     switcher_app.command("info")(info)
     app.add_typer(switcher_app, name="switcher")
     app.command("evaluate")(evaluate_cmd)
+    from switcher.live_cli import register_live
+
+    register_live(app, switcher_app)
