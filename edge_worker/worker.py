@@ -29,6 +29,7 @@ from fallwatch.metrics import EdgeMetrics
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import DeadLetter, EdgeVerdict, OffloadRequest, encode, to_dict
 from fallwatch.settings import Settings
+from switcher.publish import SwitcherWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,8 @@ class EdgeWorker:
         self._thresholds = {c.id: c.agreement_threshold for c in settings.cameras if c.agreement_threshold is not None}
         self.live = LiveDmd(settings, client, keys, model)
         self.switcher_version = getattr(switcher, "version", None)
+        self.watcher = SwitcherWatcher(client, keys, self.live.edge_model_id, self.live.questions,
+                                       settings.dmd.reload_check_s)
 
     # --- set-up ------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -133,6 +136,7 @@ class EdgeWorker:
     # --- processing --------------------------------------------------------------------
     def step(self, block_ms: int | None = None) -> StepResult:
         """Claim stale entries when due, else read new ones; process one batch."""
+        self.reload_switcher()
         now = time.monotonic()
         claimed = []
         if now - self._last_claim >= self.cfg.claim_idle_ms / 2000:
@@ -143,6 +147,12 @@ class EdgeWorker:
         result.claimed = len(claimed)
         self.heartbeat()
         return result
+
+    def reload_switcher(self) -> None:
+        """Between batches: swap in a newly published switcher version."""
+        swapped = self.watcher.poll(self.switcher_version)
+        if swapped is not None:
+            self.switcher, self.switcher_version = swapped, swapped.version
 
     def process(self, entries: list[tuple[str, dict]]) -> StepResult:
         result = StepResult(read=len(entries), entry_ids=[e for e, _ in entries])

@@ -1,7 +1,8 @@
 """Commands of live DMD.
 
     fallwatch dmd export --out DIR [--since T]     the live store as a distillation directory
-    fallwatch dmd status                           store size, age and routes
+    fallwatch switcher publish CKPT                make a checkpoint current (edge workers hot-reload it)
+    fallwatch switcher rollback                    back to the version promoted before the current one
 """
 
 from __future__ import annotations
@@ -67,8 +68,44 @@ def export_cmd(
                            "feature_dim": meta.feature_dim}))
 
 
+def _redis_call(ctx: typer.Context, fn):
+    """Run ``fn(client, keys, settings)`` on the configured Redis; switcher errors exit 2."""
+    from fallwatch.redis import RedisHandle, RedisUnavailable
+    from switcher.model import SwitcherError
+
+    app_ctx = app_context(ctx)
+    try:
+        with RedisHandle(app_ctx.settings.redis) as handle:
+            return fn(handle.client, app_ctx.keys, app_ctx.settings)
+    except SwitcherError as exc:
+        raise _fail(str(exc), 2) from None
+    except RedisUnavailable as exc:
+        raise _fail(f"redis: {exc}") from None
+
+
+def publish_cmd(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="Checkpoint directory to make current.")],
+) -> None:
+    """Publish a checkpoint in Redis and make it current: edge workers load it between batches."""
+    from switcher.publish import publish
+
+    version = _redis_call(ctx, lambda client, keys, _s: publish(client, keys, path))
+    typer.echo(json.dumps({"version": version}))
+
+
+def rollback_cmd(ctx: typer.Context) -> None:
+    """Return to the switcher version promoted before the current one."""
+    from switcher.publish import rollback
+
+    version = _redis_call(ctx, lambda client, keys, _s: rollback(client, keys))
+    typer.echo(json.dumps({"version": version}))
+
+
 def register_live(app: typer.Typer, switcher_app: typer.Typer) -> None:
     """Add `dmd export` to ``app`` and the live switcher commands to ``switcher_app``."""
     dmd_app = typer.Typer(help="The live DMD store.", no_args_is_help=True)
     dmd_app.command("export")(export_cmd)
     app.add_typer(dmd_app, name="dmd")
+    switcher_app.command("publish")(publish_cmd)
+    switcher_app.command("rollback")(rollback_cmd)
