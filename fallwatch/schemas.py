@@ -83,6 +83,12 @@ class CameraState(StrEnum):
     OFFLINE = "offline"
 
 
+class EventOutcome(StrEnum):
+    CONFIRMED_FALL = "confirmed_fall"
+    FALSE_ALARM = "false_alarm"
+    NOT_SURE = "not_sure"
+
+
 class FrameMessage(Message):
     type_name: ClassVar[str] = "frame"
     frame_id: str = Field(..., min_length=1, max_length=200, description="Unique id: camera:seq.")
@@ -184,6 +190,10 @@ class AlertEvent(Message):
     acknowledged: bool = False
     acknowledged_by: str | None = None
     description: str | None = None
+    outcome: EventOutcome | None = None
+    outcome_note: str | None = None
+    resolved_by: str | None = None
+    resolved_at: float | None = None
 
 
 class CameraStatus(Message):

@@ -206,8 +206,6 @@ class DmdSettings(Section):
     refresh_margin: float = Field(0.02, ge=0, le=1, description="A challenger must catch this much larger a share of "
                                   "the disagreements (at equal offload) to be promoted.")
     refresh_holdout: float = Field(0.2, gt=0, lt=1, description="Newest share of the store held out for the comparison.")
-    refresh_every_s: float = Field(0, ge=0, le=30 * 86400, description="Run refresh --promote on this schedule in the "
-                                   "alerts service; 0 = off.")
     checkpoints_dir: Path = Field(Path("switchers"), description="Where refresh writes challenger checkpoints.")
 
 

@@ -193,7 +193,9 @@ def calibrate_cmd(
         raise _fail(str(exc)) from None
     card = read_card(switcher_path)
     card["threshold"] = result.threshold
-    card["calibration"] = {**result.to_dict(), "data": {"dataset": dmd.meta.dataset, "split": dmd.meta.split}}
+    kept = sw.agreement(dmd.features) >= result.threshold
+    card["calibration"] = {**result.to_dict(), "data": {"dataset": dmd.meta.dataset, "split": dmd.meta.split},
+                           "expected_agreement": float(dmd.agree[kept].mean()) if kept.any() else None}
     write_card(switcher_path, card)
     _print_curves(result)
     typer.echo(json.dumps({"threshold": result.threshold, "method": result.method,

@@ -2,6 +2,7 @@
 
     fallwatch dmd export --out DIR [--since T]     the live store as a distillation directory
     fallwatch switcher publish CKPT                make a checkpoint current (edge workers hot-reload it)
+    fallwatch switcher refresh [--promote]         challenger trained on the store vs the champion
     fallwatch switcher rollback                    back to the version promoted before the current one
 """
 
@@ -102,6 +103,28 @@ def rollback_cmd(ctx: typer.Context) -> None:
     typer.echo(json.dumps({"version": version}))
 
 
+def refresh_cmd(
+    ctx: typer.Context,
+    promote: Annotated[bool, typer.Option(help="Publish the challenger if it beats the champion by dmd.refresh_margin.")] = False,
+    budget: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Offload fraction to calibrate and compare at (default: the champion's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Challenger checkpoint directory (default: under dmd.checkpoints_dir).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 60,
+) -> None:
+    """Train a challenger on the live store (inverse-propensity weights) and compare it with the champion."""
+    from switcher.refresh import RefreshError, refresh
+
+    def run(client, keys, settings):
+        try:
+            return refresh(client, keys, settings, promote, budget, seed, epochs, out)
+        except RefreshError as exc:
+            raise _fail(str(exc), 2) from None
+
+    report = _redis_call(ctx, run)
+    typer.echo(report.reason)
+    typer.echo(json.dumps(report.to_dict()))
+
+
 def register_live(app: typer.Typer, switcher_app: typer.Typer) -> None:
     """Add `dmd export` to ``app`` and the live switcher commands to ``switcher_app``."""
     dmd_app = typer.Typer(help="The live DMD store.", no_args_is_help=True)
@@ -109,3 +132,4 @@ def register_live(app: typer.Typer, switcher_app: typer.Typer) -> None:
     app.add_typer(dmd_app, name="dmd")
     switcher_app.command("publish")(publish_cmd)
     switcher_app.command("rollback")(rollback_cmd)
+    switcher_app.command("refresh")(refresh_cmd)
