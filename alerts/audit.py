@@ -43,9 +43,11 @@ class AuditHandler:
         self.client, self.keys, self.store, self.drift, self.ttl_s = client, keys, store, drift, ttl_s
 
     def handle(self, c: CloudVerdict) -> list:
+        if not cloud_usable(c) or not self.client.set(self.keys.audit_done(c.frame_id), 1, nx=True, ex=self.ttl_s):
+            return []  # failed, or already applied (redelivery)
         events = []
-        if missed_fall(c) and self.client.set(self.keys.audit_done(c.frame_id), 1, nx=True, ex=self.ttl_s):
+        if missed_fall(c):
             events += self.store.transact(c.camera_id, lambda s: on_audit_fall(s, c))
-        if self.drift is not None and cloud_usable(c):
+        if self.drift is not None and c.edge_p_fall is not None:
             events += self.drift.on_audit(c)
         return events

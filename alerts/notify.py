@@ -114,6 +114,8 @@ def _when(ts: float) -> str:
 def compose(event: AlertEvent) -> tuple[str, str]:
     """Title and body of the notification of an event's start."""
     name = event.camera_name or event.camera_id
+    if event.kind is EventKind.SWITCHER_DRIFT:
+        return f"Switcher drift: {name}", f"DMD switcher drift on {name} since {_when(event.started_at)}: {event.description}"
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
@@ -281,7 +283,7 @@ class AppriseChannel(NotificationChannel):
 def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     """Every channel named in the settings (global and per-camera URLs), by name."""
     n: NotificationSettings = cfg.notifications
-    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify]
+    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify] + list(cfg.dmd.drift_notify)
     channels: dict[str, NotificationChannel] = {}
     for url in urls:
         name = channel_id(url.get_secret_value())

@@ -125,14 +125,15 @@ def _score(rt: CloudRuntime, reqs: list[OffloadRequest], items: list[np.ndarray]
     return [
         CloudVerdict(frame_id=r.frame_id, camera_id=r.camera_id, captured_at=r.captured_at, ok=True,
                      p_fall=float(p), is_fall=bool(p >= 0.5), cloud_ms=per_item_ms, energy_j=energy, worker=rt.name,
-                     route=r.route, edge_p_fall=r.edge_p_fall)
+                     route=r.route, edge_p_fall=r.edge_p_fall, switcher_version=r.switcher_version)
         for r, p in zip(reqs, scores.p_fall)
     ]
 
 
 def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:
     return CloudVerdict(frame_id=req.frame_id, camera_id=req.camera_id, captured_at=req.captured_at, ok=False,
-                        error=error[:2000], worker=worker, route=req.route, edge_p_fall=req.edge_p_fall)
+                        error=error[:2000], worker=worker, route=req.route, edge_p_fall=req.edge_p_fall,
+                        switcher_version=req.switcher_version)
 
 
 def _dead_letter(rt: CloudRuntime, exc: PoisonInput, job_id: str = "") -> None:

@@ -235,6 +235,7 @@ class EdgeWorker:
             n_images=msg.n_images, pixels_key=self.keys.pixels(msg.frame_id), edge_p_fall=verdict.p_fall,
             agreement=verdict.agreement, deadline=msg.captured_at + self.settings.alerts.cloud_timeout_s,
             gt_fall=msg.gt_fall, features_key=self.keys.edge_features(msg.frame_id),
+            switcher_version=verdict.switcher_version,
         )
 
     def enqueue(self, requests: list[OffloadRequest]) -> None:

@@ -157,9 +157,10 @@ class Keys:
         """List: versions promoted so far, newest first (rollback pops the head)."""
         return self._k("switcher", "history")
 
-    def drift_window(self, scope: str) -> str:
-        """List: the latest audit outcomes ('1' agree, '0' disagree) of a camera or of the site ('*')."""
-        return self._k("drift", scope, "window")
+    def drift_window(self, scope: str, version: str | None = None) -> str:
+        """List: the latest audit outcomes ('1' agree, '0' disagree) of a camera or of the site ('*'),
+        under one switcher version."""
+        return self._k("drift", scope, version or "-", "window")
 
     def drift_state(self) -> str:
         """Hash: per scope, the drift figures and the id of its open switcher_drift event."""

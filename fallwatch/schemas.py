@@ -141,6 +141,7 @@ class OffloadRequest(Message):
                                                "the cloud only checks it (live DMD).")
     features_key: str | None = Field(None, description="TTL key with the edge features (live DMD store).")
     inclusion: float = Field(1.0, gt=0, le=1, description="Probability that this route sent the item to the cloud.")
+    switcher_version: str | None = Field(None, max_length=64, description="Switcher version that routed the item.")
 
 
 class CloudVerdict(Message):
@@ -159,6 +160,7 @@ class CloudVerdict(Message):
     worker: str = ""
     route: Literal["offload", "audit"] = Field("offload", description="audit: a check of a final edge verdict.")
     edge_p_fall: float | None = Field(None, ge=0, le=1, description="The edge's fall probability (audits).")
+    switcher_version: str | None = Field(None, max_length=64, description="Switcher version that routed the item.")
 
 
 class FinalVerdict(Message):

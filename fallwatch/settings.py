@@ -201,6 +201,8 @@ class DmdSettings(Section):
     drift_window: int = Field(200, ge=10, le=100_000, description="Latest audits per camera / site behind the drift figures.")
     drift_min_audits: int = Field(50, ge=5, le=100_000, description="Audits needed before a drift event can start.")
     drift_z: float = Field(1.96, gt=0, le=5, description="z of the Wilson interval (1.96: 95%).")
+    offload_window: int = Field(1000, ge=10, le=1_000_000, description="Latest edge decisions per camera / site "
+                                "behind the live offload rate.")
     drift_notify: list[SecretStr] = Field(default_factory=list, description="apprise URLs for switcher_drift events "
                                           "(whoever runs the site; caregivers are not told). Secret.")
     refresh_margin: float = Field(0.02, ge=0, le=1, description="A challenger must catch this much larger a share of "

@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +15,11 @@ from edge_worker.model import EdgeModel
 from edge_worker.worker import EdgeWorker
 from fallwatch.schemas import EdgeVerdict, decode
 from fallwatch.settings import EdgeSettings, Settings
-from switcher.model import SwitcherConfig, SwitcherMLP, save_checkpoint
 from switcher.publish import NothingToRollBack, current_version, history, publish, rollback
 from tests.faults import fallwatch
 from tests.frames import push_frames
 from tests.helpers import wait_for
+from tests.live_helpers import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +30,6 @@ def tiny_edge() -> EdgeModel:
 @pytest.fixture(scope="module")
 def dim(tiny_edge) -> int:
     return int(tiny_edge.score([np.zeros((32, 32, 3), dtype=np.uint8)]).features.shape[1])
-
-
-def make_checkpoint(out: Path, edge_model_id: str, questions, dim: int, seed: int, threshold: float = 0.5) -> Path:
-    import torch
-
-    torch.manual_seed(seed)
-    cfg = SwitcherConfig(in_features=dim, hidden=(16,), seed=seed)
-    card = {"config": cfg.to_dict(), "edge_model_id": edge_model_id, "questions": list(questions),
-            "feature_dim": dim, "standardise": {"mean": [0.0] * dim, "std": [1.0] * dim}, "threshold": threshold}
-    save_checkpoint(out, SwitcherMLP(cfg), card)
-    return out
 
 
 def _fast(settings: Settings) -> Settings:
