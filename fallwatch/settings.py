@@ -194,7 +194,7 @@ class MetricsSettings(Section):
 
 class DmdSettings(Section):
     store_maxlen: int = Field(50_000, ge=100, le=10_000_000, description="Most records in the live DMD store "
-                              "(about 6.3 KB each with 1536 features).")
+                              "(about 6.9 KB each with 1536 features: 50 000 = 345 MB).")
     store_max_age_s: float = Field(28 * 86400, gt=0, le=366 * 86400, description="Records older than this are trimmed.")
     features_ttl_s: int = Field(600, ge=10, le=86400, description="TTL of the edge features kept for the cloud side.")
     reload_check_s: float = Field(2.0, gt=0, le=3600, description="How often edge workers look for a new switcher.")

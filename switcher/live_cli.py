@@ -110,13 +110,19 @@ def refresh_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Challenger checkpoint directory (default: under dmd.checkpoints_dir).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 60,
+    since: Annotated[Optional[str], typer.Option(help="Only records from this time (e.g. the drift event's start).")] = None,
 ) -> None:
     """Train a challenger on the live store (inverse-propensity weights) and compare it with the champion."""
     from switcher.refresh import RefreshError, refresh
 
+    try:
+        start = None if since is None else parse_since(since)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+
     def run(client, keys, settings):
         try:
-            return refresh(client, keys, settings, promote, budget, seed, epochs, out)
+            return refresh(client, keys, settings, promote, budget, seed, epochs, out, start)
         except RefreshError as exc:
             raise _fail(str(exc), 2) from None
 

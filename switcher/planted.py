@@ -1,7 +1,8 @@
 """Planted traffic for tests and benchmarks of live DMD: where edge and cloud disagree is a known
 function of the features (``x[a] + x[b] > cut``), unrelated to the edge's confidence.
 
-The cloud is always right; the edge is wrong exactly on the rule's items. A "change of traffic"
+The cloud is always right; the edge is wrong exactly on the rule's items (and on a random share
+``noise`` of the others, which nothing can predict). A "change of traffic"
 (a new camera, a moved one) is another pair of feature directions.
 """
 
@@ -31,10 +32,11 @@ class Planted:
     disagree: np.ndarray
 
 
-def planted(rng: np.random.Generator, n: int, dim: int, rule: Rule) -> Planted:
+def planted(rng: np.random.Generator, n: int, dim: int, rule: Rule, noise: float = 0.0) -> Planted:
+    """``n`` items; a share ``noise`` of them flips agreement at random (what no switcher can learn)."""
     x = rng.normal(size=(n, dim)).astype(np.float32)
     labels = rng.random(n) < 0.5
-    disagree = rule.disagree(x)
+    disagree = rule.disagree(x) ^ (rng.random(n) < noise)
     margin = rng.uniform(0.05, 0.45, size=n)
     edge_p = np.where(labels ^ disagree, 0.5 + margin, 0.5 - margin)
     cloud_p = np.where(labels, 0.9, 0.1)

@@ -197,10 +197,11 @@ def check_store(live: LiveData) -> None:
 
 
 def refresh(client: Any, keys: Keys, settings: Settings, promote: bool = False, budget: float | None = None,
-            seed: int = 0, epochs: int = 60, out: Path | None = None) -> RefreshReport:
-    """Train, calibrate and compare a challenger; with ``promote``, publish it if it is better."""
+            seed: int = 0, epochs: int = 60, out: Path | None = None, since: float | None = None) -> RefreshReport:
+    """Train, calibrate and compare a challenger; with ``promote``, publish it if it is better.
+    ``since``: only records from then on (e.g. from the start of a drift event)."""
     try:
-        live = read_store(client, keys, settings)
+        live = read_store(client, keys, settings, since)
     except DmdError as exc:
         raise RefreshError(str(exc)) from None
     check_store(live)
