@@ -207,11 +207,3 @@ class DriftMonitor:
                 note = Delivery(event_id=ev.event_id, channel=channel_id(url.get_secret_value()), camera_id=ev.camera_id,
                                 kind=ev.kind, title=title, body=body, frame_id=None)
                 pipe.xadd(self.keys.notify_outbox_stream(), note.to_fields())
-
-
-def read_state(client: Any, keys: Keys) -> list[Figures]:
-    """The latest figures of every scope (for ``fallwatch status``)."""
-    rows = []
-    for scope, raw in sorted(client.hgetall(keys.drift_state()).items()):
-        rows.append(Figures(**json.loads(raw)))
-    return rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +115,3 @@ def load_records(client: Any, keys: Keys, since: float | None = None) -> list[St
 
 def size(client: Any, keys: Keys) -> int:
     return int(client.xlen(keys.dmd_store()))
-
-
-def records_matrix(records: Sequence[StoredRecord]) -> np.ndarray:
-    if not records:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([r.features for r in records]).astype(np.float32)

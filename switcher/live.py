@@ -41,10 +41,6 @@ class LiveData:
         """Inverse-propensity weights: an audit at 2% stands for 50 items of the traffic."""
         return np.array([1.0 / r.record.inclusion for r in self.records], dtype=np.float64)
 
-    @property
-    def audited(self) -> np.ndarray:
-        return np.array([r.record.route == "audit" for r in self.records], dtype=bool)
-
     def subset(self, mask: np.ndarray) -> "LiveData":
         items = tuple(i for i, k in zip(self.data.items, mask) if k)
         return LiveData(DmdData(self.data.meta, items, self.data.features[mask]),

@@ -24,7 +24,7 @@ import redis
 import structlog
 
 from fallwatch.keys import Keys
-from switcher.model import CARD, WEIGHTS, Switcher, SwitcherError, check_identity, read_card
+from switcher.model import WEIGHTS, Switcher, SwitcherError, check_identity, read_card
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +138,3 @@ class SwitcherWatcher:
         log.info("switcher_reloaded", from_version=running, to_version=wanted, threshold=sw.threshold)
         return sw
 
-
-__all__ = ["CARD", "NothingToRollBack", "SwitcherWatcher", "current_version", "history", "load_published",
-           "publish", "rollback"]

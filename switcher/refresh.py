@@ -31,7 +31,7 @@ from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, EventOutcome, decode
 from fallwatch.settings import Settings
 from switcher.live import LiveData, read_store
-from switcher.model import Switcher, SwitcherConfig, SwitcherError, read_card, write_card
+from switcher.model import Switcher, SwitcherConfig, read_card, write_card
 from switcher.publish import current_version, history, load_published, publish
 from switcher.records import DmdError
 from switcher.train import train_switcher
@@ -246,5 +246,3 @@ def _promote(client: Any, keys: Keys, champ: Switcher | None, settings: Settings
         publish(client, keys, champ.path, source="champion")  # so rollback can return to it
     publish(client, keys, out, source="refresh")
 
-
-__all__ = ["RefreshError", "RefreshReport", "SwitcherError", "refresh", "weighted_threshold"]

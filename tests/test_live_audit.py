@@ -52,6 +52,10 @@ def audit_queue(settings: Settings, r, keys) -> Queue:
     return Queue(keys.audit_queue(settings.cloud.queue), connection=r, serializer=JSONSerializer)
 
 
+def test_audit_queue_name(keys) -> None:
+    assert keys.audit_queue("cloud") == keys.cloud_queue("cloud-audit") == "fallwatch-cloud-audit"
+
+
 def test_audit_choice_is_a_fixed_hash_of_frame_and_seed() -> None:
     ids = [f"cam{c}:{s}" for c in range(4) for s in range(5000)]
     picks = [chosen_for_audit(i, 0.02, "site-a") for i in ids]
