@@ -55,6 +55,7 @@ DECIDER_TEXT = {
     Decider.CLOUD: "cloud model (LLaVA-NeXT-Video)",
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
+    Decider.CLOUD_AUDIT: "cloud model (LLaVA-NeXT-Video), auditing a no-fall edge verdict",
 }
 
 
@@ -132,6 +133,8 @@ def tier_text(event: AlertEvent) -> str:
 def compose(event: AlertEvent) -> tuple[str, str]:
     """Title and body of the notification of an event's start or of one of its escalation tiers."""
     name = event.camera_name or event.camera_id
+    if event.kind is EventKind.SWITCHER_DRIFT:
+        return f"Switcher drift: {name}", f"DMD switcher drift on {name} since {_when(event.started_at)}: {event.description}"
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
@@ -304,7 +307,7 @@ class AppriseChannel(NotificationChannel):
 def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     """Every channel named in the settings (global and per-camera URLs), by name."""
     n: NotificationSettings = cfg.notifications
-    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify] + cfg.escalation_urls()
+    urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify] + cfg.escalation_urls() + list(cfg.dmd.drift_notify)
     channels: dict[str, NotificationChannel] = {}
     for url in urls:
         name = channel_id(url.get_secret_value())

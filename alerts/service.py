@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import redis
 import structlog
 
+from alerts.audit import AuditHandler, is_audit
+from alerts.drift import DriftMonitor
 from alerts.merge import MergeResult, Outcome, VerdictMerger
 from alerts.store import EventStore
 from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
@@ -72,6 +74,8 @@ class AlertsService:
         self.claim_every_s = claim_every_s
         self.merger = VerdictMerger(client, keys, settings.alerts, clock, worker=self.name)
         self.store = EventStore(client, keys, settings, clock)
+        self.drift = DriftMonitor(client, keys, settings, self.metrics, clock) if settings.switcher.audit_fraction else None
+        self.audits = AuditHandler(client, keys, self.store, self.drift)
         self.group, self.status_group = keys.alerts_group(), keys.status_group()
         self.verdicts, self.finals = keys.verdicts_stream(), keys.final_stream()
         self.status = keys.camera_status_stream()
@@ -150,7 +154,12 @@ class AlertsService:
             if not isinstance(msg, (EdgeVerdict, CloudVerdict)):
                 raise SchemaError(f"expected an edge or cloud verdict on the verdicts stream, got {msg.type_name!r}")
             tally["verdicts"] += 1
-            self._count_merge(self.merger.handle(msg), tally)
+            if is_audit(msg):
+                events += self.audits.handle(msg)
+            else:
+                if self.drift is not None and isinstance(msg, EdgeVerdict):
+                    self.drift.on_edge(msg)
+                self._count_merge(self.merger.handle(msg), tally)
         elif entry.stream == self.finals:
             if not isinstance(msg, FinalVerdict):
                 raise SchemaError(f"expected a final verdict on the final stream, got {msg.type_name!r}")

@@ -9,7 +9,8 @@ Sections (each also runs on its own, see its module):
 * ``transport`` (bench_transport): 60 KB frames through Redis streams vs redis-benchmark;
 * ``ingest`` (bench_ingest): H.264 cameras per CPU core;
 * ``e2e`` (bench_e2e): capture-to-verdict latency of 16 replayed cameras at 1 fps;
-* ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate.
+* ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate;
+* ``live_dmd`` (bench_live_dmd): drift noticed, switcher refreshed and hot-reloaded on a planted stream.
 
 ``DIR/results.json`` is a flat object, figure name -> {value, unit, target, met, load_average,
 machine (CPU, cores, torch, Python, git revision), details}. ``--quick`` keeps the whole suite
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
-SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud")
+SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd")
 
 
 class Suite:
@@ -92,6 +93,14 @@ class Suite:
         runs, speedup, positions = bench_cloud.cloud_speedup(self.args.cache, self.args.quick)
         return bench_cloud.figures(runs, speedup, positions, self.machine)
 
+    def live_dmd(self) -> list[Figure]:
+        import bench_live_dmd
+
+        result = bench_live_dmd.run_bench(self.work / "live_dmd", self.args.quick)
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        bench_live_dmd.plot(result, self.args.out)
+        return bench_live_dmd.figures(result, self.machine)
+
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,8 +134,9 @@ def main() -> None:
     fw_logging.configure("error", "console")  # the ingest section overloads a stream on purpose
     start = time.perf_counter()
     machine = Machine.here()
-    full_vilt_dir(args.cache)  # built once, outside the timed sections
     names = [s for s in SECTIONS if s in args.only.split(",")]
+    if set(names) & {"edge", "forward", "e2e"}:
+        full_vilt_dir(args.cache)  # built once, outside the timed sections
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         figures, seconds = run_sections(Suite(args, Path(tmp), machine), names)
     total = round(time.perf_counter() - start, 1)

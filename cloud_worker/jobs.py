@@ -16,6 +16,7 @@ import redis
 import structlog
 from pydantic import ValidationError
 
+from cloud_worker import live
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
@@ -88,7 +89,8 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
     pipe = rt.client.pipeline(transaction=False)
     for v in verdicts:
         pipe.xadd(rt.keys.verdicts_stream(), encode(v))
-    pipe.delete(*[r.pixels_key for r in reqs])
+    live.queue_records(rt, pipe, ready, verdicts[len(missing):])
+    pipe.delete(*[r.pixels_key for r in reqs], *live.feature_keys(reqs))
     pipe.execute()
     return {"scored": len(ready), "failed": len(missing), "expired": len(expired)}
 
@@ -122,14 +124,16 @@ def _score(rt: CloudRuntime, reqs: list[OffloadRequest], items: list[np.ndarray]
     log.info("cloud_batch_scored", worker=rt.name, items=len(items), ms=round(scores.wall_s * 1000, 1))
     return [
         CloudVerdict(frame_id=r.frame_id, camera_id=r.camera_id, captured_at=r.captured_at, ok=True,
-                     p_fall=float(p), is_fall=bool(p >= 0.5), cloud_ms=per_item_ms, energy_j=energy, worker=rt.name)
+                     p_fall=float(p), is_fall=bool(p >= 0.5), cloud_ms=per_item_ms, energy_j=energy, worker=rt.name,
+                     route=r.route, edge_p_fall=r.edge_p_fall, switcher_version=r.switcher_version)
         for r, p in zip(reqs, scores.p_fall)
     ]
 
 
 def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:
     return CloudVerdict(frame_id=req.frame_id, camera_id=req.camera_id, captured_at=req.captured_at, ok=False,
-                        error=error[:2000], worker=worker)
+                        error=error[:2000], worker=worker, route=req.route, edge_p_fall=req.edge_p_fall,
+                        switcher_version=req.switcher_version)
 
 
 def _dead_letter(rt: CloudRuntime, exc: PoisonInput, job_id: str = "") -> None:

@@ -67,7 +67,8 @@ def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
     queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
-    worker = CloudWorker([queue], connection=client, serializer=JSONSerializer, name=name)
+    audits = Queue(keys.audit_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+    worker = CloudWorker([queue, audits], connection=client, serializer=JSONSerializer, name=name)
     worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
     worker.max_connection_wait_time = settings.redis.retry_cap_s  # RQ's own reconnect backoff (60 s by default)
     return worker

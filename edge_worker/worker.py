@@ -21,6 +21,7 @@ from rq import Queue, Retry
 from rq.callbacks import Callback
 from rq.serializers import JSONSerializer
 
+from edge_worker.audit import LiveDmd
 from edge_worker.decode import DecodedFrame, decode_entry
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
@@ -28,6 +29,7 @@ from fallwatch.metrics import EdgeMetrics
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import DeadLetter, EdgeVerdict, OffloadRequest, encode, to_dict
 from fallwatch.settings import Settings
+from switcher.publish import SwitcherWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,7 @@ class StepResult:
     claimed: int = 0
     edge_ms: float = 0.0
     entry_ids: list[str] = field(default_factory=list)
+    audited: int = 0
 
 
 class EdgeWorker:
@@ -78,6 +81,10 @@ class EdgeWorker:
         self.metrics = metrics or EdgeMetrics.create()
         self.beat = Heartbeat(client, keys, "edge", self.name, settings.metrics)
         self._thresholds = {c.id: c.agreement_threshold for c in settings.cameras if c.agreement_threshold is not None}
+        self.live = LiveDmd(settings, client, keys, model)
+        self.switcher_version = getattr(switcher, "version", None)
+        self.watcher = SwitcherWatcher(client, keys, self.live.edge_model_id, self.live.questions,
+                                       settings.dmd.reload_check_s)
 
     # --- set-up ------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -129,6 +136,7 @@ class EdgeWorker:
     # --- processing --------------------------------------------------------------------
     def step(self, block_ms: int | None = None) -> StepResult:
         """Claim stale entries when due, else read new ones; process one batch."""
+        self.reload_switcher()
         now = time.monotonic()
         claimed = []
         if now - self._last_claim >= self.cfg.claim_idle_ms / 2000:
@@ -139,6 +147,12 @@ class EdgeWorker:
         result.claimed = len(claimed)
         self.heartbeat()
         return result
+
+    def reload_switcher(self) -> None:
+        """Between batches: swap in a newly published switcher version."""
+        swapped = self.watcher.poll(self.switcher_version)
+        if swapped is not None:
+            self.switcher, self.switcher_version = swapped, swapped.version
 
     def process(self, entries: list[tuple[str, dict]]) -> StepResult:
         result = StepResult(read=len(entries), entry_ids=[e for e, _ in entries])
@@ -174,7 +188,9 @@ class EdgeWorker:
         verdicts = [self._verdict(f, scores.p_fall[i], None if agreement is None else agreement[i], per_item_ms)
                     for i, f in enumerate(frames)]
         offloads = [(f, v) for f, v in zip(frames, verdicts) if not v.confident]
+        self.live.stash_offloads(verdicts, scores.features)
         self._write(verdicts, offloads)
+        result.audited = self.live.audit(frames, verdicts, scores.features, self._offload_request)
         result.scored = len(frames)
         result.offloaded = len(offloads)
         result.confident = len(frames) - len(offloads)
@@ -195,6 +211,7 @@ class EdgeWorker:
             frame_id=msg.frame_id, camera_id=msg.camera_id, captured_at=msg.captured_at, p_fall=float(p_fall),
             is_fall=bool(p_fall >= 0.5), agreement=None if agreement is None else float(agreement),
             threshold=threshold, confident=confident, edge_ms=edge_ms, gt_fall=msg.gt_fall, worker=self.name,
+            switcher_version=self.switcher_version,
         )
 
     def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict]]) -> None:
@@ -217,7 +234,8 @@ class EdgeWorker:
             frame_id=msg.frame_id, camera_id=msg.camera_id, captured_at=msg.captured_at, kind=msg.kind,
             n_images=msg.n_images, pixels_key=self.keys.pixels(msg.frame_id), edge_p_fall=verdict.p_fall,
             agreement=verdict.agreement, deadline=msg.captured_at + self.settings.alerts.cloud_timeout_s,
-            gt_fall=msg.gt_fall,
+            gt_fall=msg.gt_fall, features_key=self.keys.edge_features(msg.frame_id),
+            switcher_version=verdict.switcher_version,
         )
 
     def enqueue(self, requests: list[OffloadRequest]) -> None:

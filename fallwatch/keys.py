@@ -182,3 +182,45 @@ class Keys:
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""
         return f"{self.prefix}-{name}"
+
+    # --- live DMD --------------------------------------------------------------------------
+    def audit_queue(self, base: str = "cloud") -> str:
+        """RQ queue of audits: served by cloud workers only when the offload queues are empty."""
+        return self.cloud_queue(f"{base}-audit")
+
+    def edge_features(self, frame_id: str) -> str:
+        """Hash with a TTL: the edge features of an offloaded or audited frame, for the DMD store."""
+        return self._k("features", frame_id)
+
+    def dmd_store(self) -> str:
+        """Stream of live DMD records (features, both verdicts, route, propensity; no pixels)."""
+        return self._k("stream", "dmd")
+
+    def switcher_current(self) -> str:
+        """Hash: version and origin of the switcher the edge workers must run."""
+        return self._k("switcher", "current")
+
+    def switcher_checkpoint(self, version: str) -> str:
+        """Hash: one published switcher checkpoint (card JSON + safetensors weights)."""
+        return self._k("switcher", "checkpoint", version)
+
+    def switcher_history(self) -> str:
+        """List: versions promoted so far, newest first (rollback pops the head)."""
+        return self._k("switcher", "history")
+
+    def drift_window(self, scope: str, version: str | None = None) -> str:
+        """List: the latest audit outcomes ('1' agree, '0' disagree) of a camera or of the site ('*'),
+        under one switcher version."""
+        return self._k("drift", scope, version or "-", "window")
+
+    def drift_state(self) -> str:
+        """Hash: per scope, the drift figures and the id of its open switcher_drift event."""
+        return self._k("drift", "state")
+
+    def offload_rate(self, scope: str) -> str:
+        """List: the latest edge routing decisions ('1' offloaded) of a camera or of the site ('*')."""
+        return self._k("drift", scope, "offload")
+
+    def audit_done(self, frame_id: str) -> str:
+        """Marker that an audit verdict of a frame was applied (a redelivery changes nothing)."""
+        return self._k("audit", frame_id)

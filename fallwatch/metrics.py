@@ -103,6 +103,8 @@ class FallwatchMetrics:
     events: Counter
     notifications_sent: Counter
     notifications_failed: Counter
+    # live DMD
+    switcher_drift: Gauge
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics:
@@ -145,6 +147,9 @@ def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics
         notifications_sent=counter("notifications_sent", "Notifications delivered.", ["channel"]),
         notifications_failed=counter("notifications_failed", "Notification delivery attempts that failed.",
                                      ["channel"]),
+        switcher_drift=gauge("switcher_drift", "Live switcher figures from audits per camera ('*' = site): agreement "
+                             "rate of edge-decided items with its interval, the calibrated expectation, offload rates.",
+                             ["scope", "figure"]),
     )
 
 
@@ -295,7 +300,7 @@ class AlertsMetrics(_Facade):
     notifications_sent: Counter
     notifications_failed: Counter
     dead_letters: Counter
-
+    switcher_drift: Gauge
 
     def final(self, decided_by: str, latency_s: float) -> None:
         """One final verdict; edge_timeout / edge_cloud_failed also count as timeout fallbacks."""
@@ -321,6 +326,12 @@ class AlertsMetrics(_Facade):
 
     def dead_letter(self, reason: str) -> None:
         self.dead_letters.labels(safe_label(reason, "reason")).inc()
+
+    def drift(self, scope: str, figures: dict[str, float | None]) -> None:
+        """The drift monitor's figures of one camera or of the site ('*')."""
+        for name, value in figures.items():
+            if value is not None:
+                self.switcher_drift.labels(safe_label(scope, "scope"), name).set(value)
 
 
 # --- GPUs ----------------------------------------------------------------------------------------

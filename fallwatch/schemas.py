@@ -61,6 +61,9 @@ class Decider(StrEnum):
     CLOUD = "cloud"
     EDGE_TIMEOUT = "edge_timeout"
     EDGE_CLOUD_FAILED = "edge_cloud_failed"
+    EDGE_BUDGET = "edge_budget"
+    EDGE_SHED = "edge_shed"
+    CLOUD_AUDIT = "cloud_audit"
 
 
 class EventType(StrEnum):
@@ -72,6 +75,7 @@ class EventType(StrEnum):
 class EventKind(StrEnum):
     FALL = "fall"
     CAMERA_OFFLINE = "camera_offline"
+    SWITCHER_DRIFT = "switcher_drift"
 
 
 class EventOutcome(StrEnum):
@@ -120,6 +124,7 @@ class EdgeVerdict(Message):
     decided_at: float = Field(default_factory=now)
     gt_fall: bool | None = None
     worker: str = ""
+    switcher_version: str | None = Field(None, max_length=64, description="Switcher checkpoint that decided.")
 
 
 class OffloadRequest(Message):
@@ -134,6 +139,11 @@ class OffloadRequest(Message):
     agreement: float | None = Field(None, ge=0, le=1)
     deadline: float = Field(..., gt=0, description="After this the alerts service uses the edge verdict.")
     gt_fall: bool | None = None
+    route: Literal["offload", "audit"] = Field("offload", description="audit: the edge verdict is final, "
+                                               "the cloud only checks it (live DMD).")
+    features_key: str | None = Field(None, description="TTL key with the edge features (live DMD store).")
+    inclusion: float = Field(1.0, gt=0, le=1, description="Probability that this route sent the item to the cloud.")
+    switcher_version: str | None = Field(None, max_length=64, description="Switcher version that routed the item.")
 
 
 class CloudVerdict(Message):
@@ -150,6 +160,9 @@ class CloudVerdict(Message):
     description: str | None = Field(None, max_length=2000)
     decided_at: float = Field(default_factory=now)
     worker: str = ""
+    route: Literal["offload", "audit"] = Field("offload", description="audit: a check of a final edge verdict.")
+    edge_p_fall: float | None = Field(None, ge=0, le=1, description="The edge's fall probability (audits).")
+    switcher_version: str | None = Field(None, max_length=64, description="Switcher version that routed the item.")
 
 
 class FinalVerdict(Message):
@@ -239,6 +252,30 @@ class OutcomeRecord(Message):
 
 
 MESSAGE_TYPES[OutcomeRecord.type_name] = OutcomeRecord
+class DmdRecord(Message):
+    """One live DMD label: an item both models judged. Its features travel beside it (field ``f``,
+    float32 bytes); there are no pixels, ever."""
+
+    type_name: ClassVar[str] = "dmd"
+    frame_id: str = Field(..., min_length=1, max_length=200)
+    camera_id: str = Field(..., min_length=1, max_length=64)
+    captured_at: float = Field(..., gt=0)
+    edge_p_fall: float = Field(..., ge=0, le=1)
+    cloud_p_fall: float = Field(..., ge=0, le=1)
+    agree: bool = Field(..., description="Edge and cloud give the same fall / no-fall answer.")
+    route: Literal["offload", "audit"]
+    inclusion: float = Field(..., gt=0, le=1, description="Probability that the route sent the item to the cloud.")
+    edge_model_id: str = Field(..., min_length=1, max_length=500)
+    questions: list[str] = Field(..., min_length=1, max_length=8)
+    feature_dim: int = Field(..., ge=1, le=65536)
+    switcher_version: str | None = Field(None, max_length=64)
+    gt_fall: bool | None = None
+    recorded_at: float = Field(default_factory=now)
+    kind: ItemKind = ItemKind.IMAGE
+    cloud_model_id: str = Field("", max_length=500)
+
+
+MESSAGE_TYPES[DmdRecord.type_name] = DmdRecord
 
 
 def _pixel_field(i: int) -> bytes:

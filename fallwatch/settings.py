@@ -190,6 +190,10 @@ class SwitcherSettings(Section):
     threshold: float | None = Field(None, ge=0, le=1,
                                     description="Agreement threshold; None: the checkpoint's calibrated one.")
     offload_all: bool = Field(False, description="Offload every item (large-model-only mode).")
+    audit_fraction: float = Field(0.02, ge=0, le=1, description="Share of edge-decided items also sent to the "
+                                  "cloud as audits (live DMD labels, drift); 0 turns audits off.")
+    audit_seed: str = Field("site", min_length=1, max_length=200, description="Site seed of the audit choice: "
+                            "a hash of frame id and seed, so a replay audits the same frames.")
 
 
 class CloudSettings(Section):
@@ -256,6 +260,25 @@ class MetricsSettings(Section):
     host: str = Field("127.0.0.1", min_length=1, description="Bind address of the metrics endpoint.")
     port: int = Field(9108, ge=0, le=65535, description="Port of the metrics endpoint; 0 = any free port.")
     heartbeat_s: float = Field(5.0, gt=0, le=600, description="Worker heartbeat period.")
+
+
+class DmdSettings(Section):
+    store_maxlen: int = Field(50_000, ge=100, le=10_000_000, description="Most records in the live DMD store "
+                              "(about 6.9 KB each with 1536 features: 50 000 = 345 MB).")
+    store_max_age_s: float = Field(28 * 86400, gt=0, le=366 * 86400, description="Records older than this are trimmed.")
+    features_ttl_s: int = Field(600, ge=10, le=86400, description="TTL of the edge features kept for the cloud side.")
+    reload_check_s: float = Field(2.0, gt=0, le=3600, description="How often edge workers look for a new switcher.")
+    drift_window: int = Field(200, ge=10, le=100_000, description="Latest audits per camera / site behind the drift figures.")
+    drift_min_audits: int = Field(50, ge=5, le=100_000, description="Audits needed before a drift event can start.")
+    drift_z: float = Field(1.96, gt=0, le=5, description="z of the Wilson interval (1.96: 95%).")
+    offload_window: int = Field(1000, ge=10, le=1_000_000, description="Latest edge decisions per camera / site "
+                                "behind the live offload rate.")
+    drift_notify: list[SecretStr] = Field(default_factory=list, description="apprise URLs for switcher_drift events "
+                                          "(whoever runs the site; caregivers are not told). Secret.")
+    refresh_margin: float = Field(0.02, ge=0, le=1, description="A challenger must catch this much larger a share of "
+                                  "the disagreements (at equal offload) to be promoted.")
+    refresh_holdout: float = Field(0.2, gt=0, lt=1, description="Newest share of the store held out for the comparison.")
+    checkpoints_dir: Path = Field(Path("switchers"), description="Where refresh writes challenger checkpoints.")
 
 
 class LoggingSettings(Section):
@@ -371,6 +394,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT bridge and Home Assistant discovery.")
     web: WebSettings = Field(default_factory=WebSettings, description="Caregiver web station.")
+    dmd: DmdSettings = Field(default_factory=DmdSettings, description="Live DMD: store, drift monitor, refresh.")
 
     @field_validator("cameras")
     @classmethod

@@ -11,6 +11,7 @@ unknown (None).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -118,6 +119,31 @@ class StatusSnapshot(Record):
     scoring: ScoringRow
     problems: list[str] = Field(default_factory=list, description="Entries that could not be read.")
     escalations_pending: int = Field(0, description="Open fall events waiting for their next escalation tier.")
+    drift: list["DriftRow"] = Field(default_factory=list, description="Switcher drift figures per camera / site.")
+
+
+class DriftRow(Record):
+    """The drift monitor's latest figures of one camera, or of the whole site (scope '*')."""
+
+    scope: str
+    version: str | None = None
+    audits: int = 0
+    agreement: float | None = None
+    low: float = 0.0
+    high: float = 1.0
+    expected: float | None = None
+    offload_rate: float | None = None
+    offload_expected: float | None = None
+    drifting: bool = False
+
+
+def drift_rows(client: redis.Redis, keys: Keys) -> list[DriftRow]:
+    rows = []
+    for scope, raw in sorted(client.hgetall(keys.drift_state()).items()):
+        data = json.loads(raw)
+        fields = {k: v for k, v in data.items() if k in DriftRow.model_fields}
+        rows.append(DriftRow(**fields, drifting=data.get("event_id") is not None))
+    return rows
 
 
 # --- gathering -----------------------------------------------------------------------------------
@@ -279,7 +305,7 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
         queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
-        problems=problems, escalations_pending=int(client.zcard(keys.escalations())),
+        problems=problems, escalations_pending=int(client.zcard(keys.escalations())), drift=drift_rows(client, keys),
     )
 
 
@@ -372,6 +398,19 @@ def _tier(snap: StatusSnapshot, e: EventRow) -> str:
     return text
 
 
+def _drift_table(snap: StatusSnapshot) -> Any:
+    from rich.table import Table  # noqa: PLC0415
+
+    t = Table(title="Switcher drift (from audits)", title_justify="left", expand=True)
+    for col in ("scope", "switcher", "audits", "agreement", "interval", "expected", "offload", "calibrated", "drift"):
+        t.add_column(col)
+    for d in snap.drift:
+        t.add_row("site" if d.scope == "*" else d.scope, d.version or "-", str(d.audits), _num(d.agreement, "{:.1%}"),
+                  f"{d.low:.1%}-{d.high:.1%}", _num(d.expected, "{:.1%}"), _num(d.offload_rate, "{:.1%}"),
+                  _num(d.offload_expected, "{:.1%}"), "[red]yes[/]" if d.drifting else "no")
+    return t
+
+
 def render(snap: StatusSnapshot) -> Any:
     """Rich renderable of a snapshot: cameras, streams, workers and queue, recent events."""
     from rich.console import Group  # noqa: PLC0415
@@ -380,5 +419,7 @@ def render(snap: StatusSnapshot) -> Any:
     header = Text(f"fallwatch status   prefix {snap.key_prefix}   Redis {snap.redis.version}, "
                   f"{snap.redis.used_memory_bytes / 2**20:.1f} MiB used, {snap.redis.connected_clients} clients")
     parts: list[Any] = [header, _camera_table(snap), _stream_table(snap), _workers_table(snap), _events_table(snap)]
+    if snap.drift:
+        parts.append(_drift_table(snap))
     parts += [Text(p, style="red") for p in snap.problems]
     return Group(*parts)

@@ -125,6 +125,15 @@ def method_curves(agreement: np.ndarray, data: DmdData) -> dict[str, list[CurveP
     return curves
 
 
+def calibration_card(card: dict, result: Calibration, agreement: np.ndarray, data: DmdData) -> dict:
+    """``card`` with the threshold and calibration set, including the agreement rate expected among
+    the items kept on the edge (the drift monitor's baseline)."""
+    kept = np.asarray(agreement) >= result.threshold
+    return {**card, "threshold": result.threshold,
+            "calibration": {**result.to_dict(), "data": {"dataset": data.meta.dataset, "split": data.meta.split},
+                            "expected_agreement": float(data.agree[kept].mean()) if kept.any() else None}}
+
+
 def calibrate(agreement: np.ndarray, data: DmdData, budget: float | None = None) -> Calibration:
     """Pick the threshold: the F1 peak of the 5% DMD curve, or the one that offloads ``budget``.
 

@@ -179,7 +179,7 @@ def calibrate_cmd(
     budget: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Offload this fraction instead of the F1 peak.")] = None,
 ) -> None:
     """Pick the agreement threshold from the bucket curves and store it in the checkpoint."""
-    from switcher.calibrate import calibrate
+    from switcher.calibrate import calibrate, calibration_card
     from switcher.evaluate import check_same_edge
     from switcher.model import Switcher, SwitcherError, read_card, write_card
     from switcher.records import DmdError, load_dmd
@@ -188,13 +188,11 @@ def calibrate_cmd(
         sw = Switcher.load(switcher_path)
         dmd = load_dmd(data)
         check_same_edge(sw, dmd)
-        result = calibrate(sw.agreement(dmd.features), dmd, budget)
+        agreement = sw.agreement(dmd.features)
+        result = calibrate(agreement, dmd, budget)
     except (SwitcherError, DmdError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    card = read_card(switcher_path)
-    card["threshold"] = result.threshold
-    card["calibration"] = {**result.to_dict(), "data": {"dataset": dmd.meta.dataset, "split": dmd.meta.split}}
-    write_card(switcher_path, card)
+    write_card(switcher_path, calibration_card(read_card(switcher_path), result, agreement, dmd))
     _print_curves(result)
     typer.echo(json.dumps({"threshold": result.threshold, "method": result.method,
                            "offload_fraction": result.offload_fraction, "f1": result.f1}))
@@ -265,3 +263,6 @@ def register(app: typer.Typer) -> None:
     switcher_app.command("info")(info)
     app.add_typer(switcher_app, name="switcher")
     app.command("evaluate")(evaluate_cmd)
+    from switcher.live_cli import register_live
+
+    register_live(app, switcher_app)

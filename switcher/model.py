@@ -137,6 +137,32 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def check_identity(path: Path | str, card: Mapping[str, Any], edge_model_id: str | None = None,
+                   questions: Sequence[str] | None = None) -> None:
+    """SwitcherMismatch if the card was trained for another edge model or question set."""
+    if edge_model_id is not None and card["edge_model_id"] != edge_model_id:
+        raise SwitcherMismatch(
+            f"{path}: switcher was trained on features of edge model {card['edge_model_id']!r}, "
+            f"but the edge model is {edge_model_id!r}; distill and train a switcher for this model"
+        )
+    if questions is not None and tuple(card["questions"]) != tuple(questions):
+        raise SwitcherMismatch(
+            f"{path}: switcher was trained with questions {card['questions']!r}, "
+            f"but the edge model asks {list(questions)!r}; features differ per question set"
+        )
+
+
+def weights_version(weights: Mapping[str, np.ndarray]) -> str:
+    """A short content hash of a switcher's weights: its version when the card names none."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:12]
+
+
 class Switcher:
     """A trained switcher, ready for the edge hot path (inference mode, one thread, no autograd)."""
 
@@ -152,6 +178,7 @@ class Switcher:
         self._mean = torch.tensor(card["standardise"]["mean"], dtype=torch.float32)
         self._inv_std = 1.0 / torch.tensor(card["standardise"]["std"], dtype=torch.float32)
         self._layers = self._linear_layers(weights)
+        self.version: str = str(card.get("version") or weights_version(weights))
 
     def _linear_layers(self, weights: Mapping[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         names = sorted({k.rsplit(".", 1)[0] for k in weights}, key=lambda n: int(n.split(".")[-1]))
@@ -167,16 +194,7 @@ class Switcher:
     def load(cls, path: Path, edge_model_id: str | None = None, questions: Sequence[str] | None = None) -> "Switcher":
         """Load a checkpoint; SwitcherMismatch if it was trained for another edge model or questions."""
         card = read_card(path)
-        if edge_model_id is not None and card["edge_model_id"] != edge_model_id:
-            raise SwitcherMismatch(
-                f"{path}: switcher was trained on features of edge model {card['edge_model_id']!r}, "
-                f"but the edge model is {edge_model_id!r}; distill and train a switcher for this model"
-            )
-        if questions is not None and tuple(card["questions"]) != tuple(questions):
-            raise SwitcherMismatch(
-                f"{path}: switcher was trained with questions {card['questions']!r}, "
-                f"but the edge model asks {list(questions)!r}; features differ per question set"
-            )
+        check_identity(path, card, edge_model_id, questions)
         return cls(path, card, _load_weights(path))
 
     def logits(self, features: np.ndarray) -> np.ndarray:

@@ -70,24 +70,31 @@ def resolve_pos_weight(option: str | float | None, agree: np.ndarray) -> float |
 
 def _loss_fn(pos_weight: float | None) -> nn.Module:
     weight = None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float32)
-    return nn.BCEWithLogitsLoss(pos_weight=weight)
+    return nn.BCEWithLogitsLoss(pos_weight=weight, reduction="none")
 
 
-def _evaluate(model: SwitcherMLP, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
+def _weighted(losses: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """The mean loss, or with sample weights (inverse propensities) the weighted mean."""
+    return losses.mean() if w is None else (losses * w).sum() / w.sum()
+
+
+def _evaluate(model: SwitcherMLP, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              w: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
     model.eval()
     with torch.inference_mode():
         logits = model(x)
-        return float(loss_fn(logits, y)), logits.numpy()
+        return float(_weighted(loss_fn(logits, y), w)), logits.numpy()
 
 
-def _train_epoch(model, loss_fn, opt, x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator) -> float:
+def _train_epoch(model, loss_fn, opt, x: torch.Tensor, y: torch.Tensor, batch: int, gen: torch.Generator,
+                 w: torch.Tensor | None = None) -> float:
     model.train()
     order = torch.randperm(x.shape[0], generator=gen)
     total = 0.0
     for start in range(0, x.shape[0], batch):
         idx = order[start:start + batch]
         opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = _weighted(loss_fn(model(x[idx]), y[idx]), None if w is None else w[idx])
         loss.backward()
         opt.step()
         total += loss.item() * len(idx)
@@ -96,14 +103,20 @@ def _train_epoch(model, loss_fn, opt, x: torch.Tensor, y: torch.Tensor, batch: i
 
 def fit(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-    cfg: SwitcherConfig, progress: bool = False,
+    cfg: SwitcherConfig, progress: bool = False, weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[SwitcherMLP, list[EpochStats], int]:
-    """Train on standardised arrays; returns the best-epoch model, the curve and the best epoch."""
+    """Train on standardised arrays; returns the best-epoch model, the curve and the best epoch.
+    ``weights``: (train, val) sample weights, e.g. inverse inclusion probabilities."""
     with single_thread():
-        return _fit(x_train, y_train, x_val, y_val, cfg, progress)
+        return _fit(x_train, y_train, x_val, y_val, cfg, progress, weights)
 
 
-def _fit(x_train, y_train, x_val, y_val, cfg: SwitcherConfig, progress: bool) -> tuple[SwitcherMLP, list[EpochStats], int]:
+def _tensor(w: np.ndarray | None) -> torch.Tensor | None:
+    return None if w is None else torch.from_numpy(np.asarray(w, dtype=np.float32))
+
+
+def _fit(x_train, y_train, x_val, y_val, cfg: SwitcherConfig, progress: bool,
+         weights=None) -> tuple[SwitcherMLP, list[EpochStats], int]:
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -113,12 +126,13 @@ def _fit(x_train, y_train, x_val, y_val, cfg: SwitcherConfig, progress: bool) ->
     loss_fn = _loss_fn(cfg.pos_weight)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.float32))
     xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val.astype(np.float32))
+    wt, wv = (None, None) if weights is None else (_tensor(weights[0]), _tensor(weights[1]))
     best_loss, best_state, best_epoch, waited = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     curve: list[EpochStats] = []
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="switcher", unit="epoch", disable=not progress)
     for epoch in bar:
-        train_loss = _train_epoch(model, loss_fn, opt, xt, yt, cfg.batch_size, gen)
-        val_loss, val_logits = _evaluate(model, loss_fn, xv, yv)
+        train_loss = _train_epoch(model, loss_fn, opt, xt, yt, cfg.batch_size, gen, wt)
+        val_loss, val_logits = _evaluate(model, loss_fn, xv, yv, wv)
         curve.append(EpochStats(epoch, train_loss, val_loss, roc_auc(y_val, val_logits)))
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if val_loss < best_loss - 1e-7:
@@ -146,13 +160,16 @@ def _check_compatible(train: DmdData, val: DmdData) -> None:
 
 def train_switcher(
     train: DmdData, val: DmdData, out: Path, cfg: SwitcherConfig, progress: bool = False,
+    weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainResult:
-    """Train on ``train``, stop early on ``val`` and write the checkpoint directory ``out``."""
+    """Train on ``train``, stop early on ``val`` and write the checkpoint directory ``out``.
+    ``weights``: per-item (train, val) loss weights; None weighs every item alike."""
     _check_compatible(train, val)
     if cfg.in_features != train.meta.feature_dim:
         cfg = SwitcherConfig(**{**asdict(cfg), "in_features": train.meta.feature_dim})
     scaler = Standardiser.fit(train.features)
-    model, curve, best_epoch = fit(scaler(train.features), train.agree, scaler(val.features), val.agree, cfg, progress)
+    model, curve, best_epoch = fit(scaler(train.features), train.agree, scaler(val.features), val.agree, cfg, progress,
+                                   weights)
     best = curve[best_epoch - 1]
     metrics = _metrics(model, scaler, val, best, cfg, train)
     card = {
