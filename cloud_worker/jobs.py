@@ -16,6 +16,7 @@ import redis
 import structlog
 from pydantic import ValidationError
 
+from fallwatch.budget import ServiceReporter, TokenBucket
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
@@ -33,6 +34,7 @@ class CloudRuntime:
     model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
     name: str
     metrics: CloudMetrics = field(default_factory=CloudMetrics.create)
+    service: ServiceReporter = field(default_factory=ServiceReporter)
 
 
 _runtime: CloudRuntime | None = None
@@ -81,7 +83,9 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
     started = time.perf_counter()
     if ready:
         verdicts += _score(rt, ready, items)
-    rt.metrics.observe_batch(len(reqs), time.perf_counter() - started, failed=len(missing))
+    seconds = time.perf_counter() - started
+    rt.metrics.observe_batch(len(reqs), seconds, failed=len(missing))
+    _account(rt, reqs, len(ready), seconds if ready else 0.0)
     late = sum(v.decided_at > r.deadline for v, r in zip(verdicts[len(missing):], ready))
     if late:
         rt.metrics.deadline_missed(late)
@@ -91,6 +95,17 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
     pipe.delete(*[r.pixels_key for r in reqs])
     pipe.execute()
     return {"scored": len(ready), "failed": len(missing), "expired": len(expired)}
+
+
+def _account(rt: CloudRuntime, reqs: list[OffloadRequest], scored: int, seconds: float) -> None:
+    """Report the measured service time for the edge, and settle a hard GPU-seconds budget: the edge
+    debited an estimate per item; the bucket is charged what the job really took (nothing for
+    items not scored)."""
+    rt.service.observe(scored, seconds)
+    rt.service.write(rt.client, rt.keys, rt.name)
+    debited = sum(r.budget_cost_s for r in reqs)
+    if debited > 0:
+        TokenBucket.for_site(rt.client, rt.keys, rt.settings.cloud.budget).settle(seconds - debited)
 
 
 def _load_items(rt: CloudRuntime, reqs: list[OffloadRequest]):

@@ -66,8 +66,8 @@ class CloudWorker(SimpleWorker):
 def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
-    queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
-    worker = CloudWorker([queue], connection=client, serializer=JSONSerializer, name=name)
+    queues = [Queue(q, connection=client, serializer=JSONSerializer) for q in keys.offload_queues(settings.cloud.queue)]
+    worker = CloudWorker(queues, connection=client, serializer=JSONSerializer, name=name)  # served in priority order
     worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
     worker.max_connection_wait_time = settings.redis.retry_cap_s  # RQ's own reconnect backoff (60 s by default)
     return worker

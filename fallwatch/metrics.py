@@ -103,6 +103,8 @@ class FallwatchMetrics:
     events: Counter
     notifications_sent: Counter
     notifications_failed: Counter
+    # cloud budget
+    offloads_kept: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics:
@@ -145,6 +147,8 @@ def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics
         notifications_sent=counter("notifications_sent", "Notifications delivered.", ["channel"]),
         notifications_failed=counter("notifications_failed", "Notification delivery attempts that failed.",
                                      ["channel"]),
+        offloads_kept=counter("offloads_kept", "Items the switcher would offload that stayed on the edge: "
+                              "edge_budget (budget spent) or edge_shed (the cloud would answer too late).", ["reason"]),
     )
 
 
@@ -229,6 +233,7 @@ class EdgeMetrics(_Facade):
     offload_ratio: Gauge
     dead_letters: Counter
     queue_depth: Gauge
+    offloads_kept: Counter
     _window: _RatioWindow = field(default_factory=_RatioWindow, repr=False, compare=False)
 
 
@@ -252,6 +257,10 @@ class EdgeMetrics(_Facade):
 
     def set_queue_depth(self, queue: str, depth: int) -> None:
         self.queue_depth.labels(safe_label(queue, "queue")).set(depth)
+
+    def kept(self, reason: str, n: int = 1) -> None:
+        """Would-be offloads kept on the edge: reason edge_budget or edge_shed."""
+        self.offloads_kept.labels(safe_label(reason, "reason")).inc(n)
 
 
 @dataclass(frozen=True)

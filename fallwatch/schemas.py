@@ -61,6 +61,8 @@ class Decider(StrEnum):
     CLOUD = "cloud"
     EDGE_TIMEOUT = "edge_timeout"
     EDGE_CLOUD_FAILED = "edge_cloud_failed"
+    EDGE_BUDGET = "edge_budget"  # the switcher asked for the cloud; the cloud budget was spent
+    EDGE_SHED = "edge_shed"  # the switcher asked for the cloud; it would have answered past cloud_timeout_s
 
 
 class EventType(StrEnum):
@@ -112,6 +114,8 @@ class EdgeVerdict(Message):
     decided_at: float = Field(default_factory=now)
     gt_fall: bool | None = None
     worker: str = ""
+    decided_by: Decider | None = Field(None, description="Set on a confident verdict the switcher wanted to offload "
+                                       "but the budget (edge_budget) or backpressure (edge_shed) kept on the edge.")
 
 
 class OffloadRequest(Message):
@@ -126,6 +130,9 @@ class OffloadRequest(Message):
     agreement: float | None = Field(None, ge=0, le=1)
     deadline: float = Field(..., gt=0, description="After this the alerts service uses the edge verdict.")
     gt_fall: bool | None = None
+    rank: int = Field(0, ge=0, le=15, description="Offload priority (0 first): the queue it was sent to.")
+    budget_cost_s: float = Field(0.0, ge=0, description="GPU seconds the edge debited from a hard budget for it; "
+                                 "the cloud worker settles the difference with the measured time.")
 
 
 class CloudVerdict(Message):

@@ -11,6 +11,7 @@ unknown (None).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -101,6 +102,16 @@ class ScoringRow(Record):
     by_decider: dict[str, int]
 
 
+class BudgetRow(Record):
+    mode: str
+    tokens: float | None = Field(None, description="hard: tokens in the shared bucket now (refill included).")
+    capacity: float | None = None
+    unit: str | None = None
+    kept_budget: int = Field(0, description="Would-be offloads kept on the edge: budget spent (edge_budget).")
+    kept_shed: int = Field(0, description="Would-be offloads kept on the edge: too late to answer (edge_shed).")
+    cloud_item_s: float | None = Field(None, description="Cloud's recent measured seconds per item.")
+
+
 class StatusSnapshot(Record):
     at: float
     key_prefix: str
@@ -112,6 +123,7 @@ class StatusSnapshot(Record):
     events: list[EventRow]
     scoring: ScoringRow
     problems: list[str] = Field(default_factory=list, description="Entries that could not be read.")
+    budget: BudgetRow | None = Field(None, description="The cloud budget: mode, hard bucket level, items kept.")
 
 
 # --- gathering -----------------------------------------------------------------------------------
@@ -259,6 +271,21 @@ def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
                       by_decider=by)
 
 
+def budget_row(client: redis.Redis, keys: Keys, settings: Settings, now: float) -> BudgetRow:
+    """Read-only: the bucket is refilled here on paper, never written."""
+    cfg = settings.cloud.budget
+    tokens, capacity = None, None
+    if cfg.mode == "hard":
+        capacity = cfg.hard_per_hour * cfg.burst_s / 3600
+        level, ts = (_float(v) for v in client.hmget(keys.budget_bucket(), "tokens", "ts"))
+        tokens = capacity if level is None or ts is None else min(capacity, level + max(0.0, now - ts) * cfg.hard_per_hour / 3600)
+    counts = [int(_float(v) or 0) for v in client.mget(keys.counter("offloads_edge_budget"), keys.counter("offloads_edge_shed"))]
+    service = [json.loads(v)["item_s"] for v in client.hvals(keys.cloud_service())]
+    return BudgetRow(mode=cfg.mode, tokens=tokens, capacity=capacity, unit=cfg.hard_unit if cfg.mode == "hard" else None,
+                     kept_budget=counts[0], kept_shed=counts[1],
+                     cloud_item_s=sum(service) / len(service) if service else None)
+
+
 def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS,
            now: float | None = None) -> StatusSnapshot:
     """A read-only snapshot of cameras, streams, queue, workers, recent events and offload rate."""
@@ -271,7 +298,7 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
         queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
-        problems=problems,
+        problems=problems, budget=budget_row(client, keys, settings, now),
     )
 
 
@@ -351,6 +378,12 @@ def _events_table(snap: StatusSnapshot) -> Any:
     return t
 
 
+def _budget_line(b: BudgetRow) -> str:
+    level = f", bucket {b.tokens:.1f} of {b.capacity:.1f} {b.unit}" if b.tokens is not None and b.capacity else ""
+    return (f"cloud budget {b.mode}{level}; kept on the edge: edge_budget {b.kept_budget}, edge_shed {b.kept_shed}; "
+            f"cloud {_num(b.cloud_item_s, '{:.2f}')} s per item")
+
+
 def render(snap: StatusSnapshot) -> Any:
     """Rich renderable of a snapshot: cameras, streams, workers and queue, recent events."""
     from rich.console import Group  # noqa: PLC0415
@@ -359,5 +392,7 @@ def render(snap: StatusSnapshot) -> Any:
     header = Text(f"fallwatch status   prefix {snap.key_prefix}   Redis {snap.redis.version}, "
                   f"{snap.redis.used_memory_bytes / 2**20:.1f} MiB used, {snap.redis.connected_clients} clients")
     parts: list[Any] = [header, _camera_table(snap), _stream_table(snap), _workers_table(snap), _events_table(snap)]
+    if snap.budget is not None:
+        parts.append(Text(_budget_line(snap.budget)))
     parts += [Text(p, style="red") for p in snap.problems]
     return Group(*parts)
