@@ -9,7 +9,8 @@ Sections (each also runs on its own, see its module):
 * ``transport`` (bench_transport): 60 KB frames through Redis streams vs redis-benchmark;
 * ``ingest`` (bench_ingest): H.264 cameras per CPU core;
 * ``e2e`` (bench_e2e): capture-to-verdict latency of 16 replayed cameras at 1 fps;
-* ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate.
+* ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate;
+* ``budget`` (bench_budget): the cloud budget at run time on real workers with planted scores.
 
 ``DIR/results.json`` is a flat object, figure name -> {value, unit, target, met, load_average,
 machine (CPU, cores, torch, Python, git revision), details}. ``--quick`` keeps the whole suite
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
-SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud")
+SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud", "budget")
 
 
 class Suite:
@@ -91,6 +92,11 @@ class Suite:
 
         runs, speedup, positions = bench_cloud.cloud_speedup(self.args.cache, self.args.quick)
         return bench_cloud.figures(runs, speedup, positions, self.machine)
+
+    def budget(self) -> list[Figure]:
+        import bench_budget
+
+        return bench_budget.figures(bench_budget.run_budget(self.work / "budget", self.args.quick), self.machine)
 
 
 def parse_args() -> argparse.Namespace:

@@ -98,11 +98,10 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _account(rt: CloudRuntime, reqs: list[OffloadRequest], scored: int, seconds: float) -> None:
-    """Report the measured service time for the edge, and settle a hard GPU-seconds budget: the edge
-    debited an estimate per item; the bucket is charged what the job really took (nothing for
-    items not scored)."""
-    rt.service.observe(scored, seconds)
-    rt.service.write(rt.client, rt.keys, rt.name)
+    """Measure the model seconds per item (the worker reports them with the job's wall time), and
+    settle a hard GPU-seconds budget: the edge debited an estimate per item; the bucket is charged
+    what the job really took (nothing for items not scored)."""
+    rt.service.observe_items(scored, seconds)
     debited = sum(r.budget_cost_s for r in reqs)
     if debited > 0:
         TokenBucket.for_site(rt.client, rt.keys, rt.settings.cloud.budget).settle(seconds - debited)

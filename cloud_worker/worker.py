@@ -12,6 +12,7 @@ being run, so a write to the queue cannot make a worker unpickle or call arbitra
 from __future__ import annotations
 
 import threading
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -98,6 +99,9 @@ def reject_job(worker: CloudWorker, job_id: str, queue: Queue, problem: str, job
         pipe.execute()
 
 
+IDLE_DEQUEUE_S = 0.05  # a dequeue slower than this waited for work (not counted in the service time)
+
+
 class Outcome(StrEnum):
     RAN = "ran"
     REJECTED = "rejected"
@@ -127,14 +131,26 @@ def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
 
 def work_one(worker: CloudWorker) -> Outcome:
     """Maintenance when due, then dequeue and run (or reject) one job."""
+    started = time.perf_counter()
     if worker.should_run_maintenance_tasks:
         worker.run_maintenance_tasks()
+    waited = time.perf_counter()
     result = _next_job(worker)
     if isinstance(result, Outcome):
         return result
+    waited = time.perf_counter() - waited
     worker.execute_job(*result)
     worker.heartbeat()
+    # a whole cycle is what each job ahead costs a queued one; a dequeue that blocked was idle time
+    report_service(time.perf_counter() - started - (waited if waited > IDLE_DEQUEUE_S else 0.0))
     return Outcome.RAN
+
+
+def report_service(job_s: float) -> None:
+    """Share this worker's measured seconds per job and per item with the edge (backpressure, budget)."""
+    rt = runtime()
+    rt.service.observe_job(job_s)
+    rt.service.write(rt.client, rt.keys, rt.name)
 
 
 def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_cap_s: float = 5.0) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import redis
@@ -137,26 +138,40 @@ class ServiceEstimate:
 
 
 class ServiceReporter:
-    """A cloud worker's moving average of measured seconds, written to ``keys.cloud_service()``."""
+    """A cloud worker's measured seconds per item (moving average) and per job (recent 90th
+    percentile), written to ``keys.cloud_service()``."""
 
-    def __init__(self, alpha: float = 0.3):
+    def __init__(self, alpha: float = 0.3, jobs: int = 50):
         self.alpha = alpha
         self.item_s: float | None = None
-        self.job_s: float | None = None
+        self._jobs: deque[float] = deque(maxlen=jobs)
+
+    @property
+    def job_s(self) -> float | None:
+        """90th percentile of the recent jobs' wall times: jobs vary in size, and a queued item waits
+        for the jobs ahead as they come, so a mean would promise too short a wait."""
+        if not self._jobs:
+            return None
+        ordered = sorted(self._jobs)
+        return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
-    def observe(self, items: int, seconds: float) -> None:
-        if items <= 0:
-            return
-        self.item_s = self._avg(self.item_s, seconds / items)
-        self.job_s = self._avg(self.job_s, seconds)
+    def observe_items(self, items: int, seconds: float) -> None:
+        """Model seconds for ``items`` scored items (what a GPU-seconds budget pays for)."""
+        if items > 0:
+            self.item_s = self._avg(self.item_s, seconds / items)
+
+    def observe_job(self, seconds: float) -> None:
+        """Wall time of one whole job, RQ's bookkeeping included (what a queued job waits per job ahead)."""
+        self._jobs.append(seconds)
 
     def write(self, client: redis.Redis, keys: Keys, worker: str) -> None:
         if self.item_s is None:
             return
-        body = json.dumps({"item_s": self.item_s, "job_s": self.job_s, "at": time.time()})
+        job_s = self.job_s if self.job_s is not None else self.item_s
+        body = json.dumps({"item_s": self.item_s, "job_s": job_s, "at": time.time()})
         client.hset(keys.cloud_service(), worker, body)
 
 

@@ -310,14 +310,19 @@ def test_cloud_worker_serves_rank_0_first_reports_service_time_and_settles(setti
     assert cloud_verdict_ids(r, keys) == miss + fall  # the possible missed falls were served first
     service = read_service(r, keys, default_s=9.0, ttl_s=60)
     assert service.measured and service.workers == 1 and 0.04 <= service.item_s < 1.0
+    assert service.job_s >= 2 * service.item_s  # a job's wall time: two items and RQ's bookkeeping
     assert bucket.level() > 99  # settled: 8 s debited, about 0.2 s measured
 
 
 def test_service_reporter_averages_and_read_service_ignores_stale_reports(r, keys) -> None:
     rep = ServiceReporter(alpha=0.5)
-    rep.observe(4, 2.0)
-    rep.observe(2, 2.0)
-    assert rep.item_s == pytest.approx(0.75) and rep.job_s == pytest.approx(2.0)
+    rep.write(r, keys, "c1")  # nothing measured yet: nothing written
+    assert not r.exists(keys.cloud_service())
+    rep.observe_items(4, 2.0)
+    rep.observe_items(2, 2.0)
+    for seconds in [1.0] * 8 + [3.0, 9.0]:
+        rep.observe_job(seconds)
+    assert rep.item_s == pytest.approx(0.75) and rep.job_s == 9.0  # the slow jobs count, not the mean
     rep.write(r, keys, "c1")
     r.hset(keys.cloud_service(), "old", json.dumps({"item_s": 50, "job_s": 50, "at": time.time() - 1000}))
     est = read_service(r, keys, default_s=3.0, ttl_s=60)
