@@ -9,9 +9,9 @@ service, each in its own thread, on a private redis-server.
   calibrated on the first half; ``target_rate`` follows the running quantile. Offload share per
   window of items, against the target.
 * ``hard``: two edge workers share a hard budget of offloads per hour while demand exceeds it.
-  Overruns: any stretch of time in which more was sent than the bucket allows (its size plus
-  the refill over that stretch, one item of slack for the clock skew between verdict and spend).
-  Use: sent over what the budget allowed during the run.
+  Every spend is logged with the Redis server time the Lua script decided it at. Overruns: any
+  stretch of time in which more was granted than the bucket allows (its size plus the refill
+  over that stretch). Use: granted over what the budget allowed from the first spend to the last.
 * ``priority``: demand above the budget, the "no fall" (rank 0) share below it: per spend and per
   one-second window, any rank-0 item refused while a rank-1 item was sent.
 * ``slow``: the cloud is 5x slower than the offload rate needs; with and without backpressure:
@@ -62,6 +62,8 @@ class Site:
         self.client = redis.Redis.from_url(url)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.grants: list[tuple[float, int]] = []  # (server time, items granted) of every spend
+        self._lock = threading.Lock()
 
     def _spawn(self, target, *args) -> None:
         t = threading.Thread(target=target, args=args, daemon=True)
@@ -75,7 +77,20 @@ class Site:
         worker = EdgeWorker(self.settings, redis.Redis.from_url(self.url), self.keys, PlantedScorer(),
                             PlantedSwitcher(threshold, target), name=name,
                             metrics=EdgeMetrics.create(build_metrics()))
+        self._record_grants(worker.router.bucket)
         self._spawn(worker.run, self.stop)
+
+    def _record_grants(self, bucket) -> None:
+        """Log every spend of the shared bucket with the server time the script decided it at."""
+        take = bucket.take
+
+        def recorded(items):
+            grant = take(items)
+            with self._lock:
+                self.grants.append((grant.at, grant.granted))
+            return grant
+
+        bucket.take = recorded
 
     def cloud(self, item_s: float) -> None:
         from cloud_worker.worker import build_worker, run
@@ -143,7 +158,7 @@ def site(work: Path, name: str, **overrides: Any) -> Iterator[Site]:
 
 
 def run_shift(work: Path, quick: bool) -> dict[str, Any]:
-    window = 500 if quick else 1000
+    window = 1000  # items: the share is held per window, so a window must hold many quantile windows
     half = 2 * window if quick else 4 * window
     rng = np.random.default_rng(7)
     a = np.concatenate([scores(rng, half, 0.15), scores(rng, half, 0.30)])
@@ -192,18 +207,19 @@ def run_hard_case(work: Path, name: str, duration_s: float, demand_per_s: float,
         s.feed(items, demand_per_s)
         assert s.wait(lambda: s.client.xlen(s.keys.verdicts_stream()) >= n, 60), "edge stalled"
         vs = s.edge_verdicts()
+        grants = sorted(s.grants)
     wanted = [v for v in vs if v.agreement is not None and v.agreement < 0.5]
     sent = [v for v in wanted if not v.confident]
     capacity = rate * burst_s
-    t0 = min(v.decided_at for v in wanted)
-    span = max(v.decided_at for v in wanted) - t0
-    excess = sliding_excess([v.decided_at - t0 for v in sent], capacity, rate)
+    t0, span = grants[0][0], grants[-1][0] - grants[0][0]
+    excess = sliding_excess([at - t0 for at, n in grants for _ in range(n)], capacity, rate)
     return {"items": n, "wanted": len(wanted), "sent": len(sent), "kept_edge_budget": len(wanted) - len(sent),
             "workers": sorted({v.worker for v in vs}), "sent_by_worker": {w: sum(v.worker == w for v in sent)
                                                                           for w in sorted({v.worker for v in vs})},
             "budget_per_s": rate, "bucket": capacity, "span_s": round(span, 2),
             "allowed": round(capacity + rate * span, 1), "used": round(len(sent) / (capacity + rate * span), 4),
-            "max_excess_items": round(excess, 2), "overruns": int(excess > 1.0),
+            "granted": sum(n for _, n in grants), "spends": len(grants),
+            "max_excess_items": round(excess, 4), "overruns": int(excess > 1e-6),
             "priority": priority_violations(wanted)}
 
 
@@ -292,7 +308,7 @@ def figures(b: BudgetBench, machine: Machine) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for budget.json and budget.md")
-    ap.add_argument("--quick", action="store_true", help="5-second runs and 2000-item shifts")
+    ap.add_argument("--quick", action="store_true", help="5-second runs and a 4000-item shift")
     args = ap.parse_args()
     from fallwatch import logging as fw_logging
 

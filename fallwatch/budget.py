@@ -50,8 +50,9 @@ else
     granted = granted + 1
   end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-return {granted, tostring(tokens)}
+local t_tokens, t_now = string.format('%.17g', tokens), string.format('%.6f', now)
+redis.call('HSET', KEYS[1], 'tokens', t_tokens, 'ts', t_now)
+return {granted, t_tokens, t_now}
 """
 
 
@@ -60,6 +61,7 @@ class Grant:
     granted: int
     tokens: float
     shared: bool = True  # False: decided by the local fallback allowance
+    at: float = 0.0  # when it was decided: the Redis server's clock for the shared bucket
 
 
 def _prefix(tokens: float, items: list[tuple[float, float]]) -> tuple[int, float]:
@@ -93,7 +95,7 @@ class LocalBucket:
             self._ts = now
             scaled = [(cost, floor * self.capacity) for cost, floor in items]
             granted, self.tokens = _prefix(self.tokens, scaled)
-            return Grant(granted, self.tokens, shared=False)
+            return Grant(granted, self.tokens, shared=False, at=time.time())
 
 
 class TokenBucket:
@@ -114,12 +116,12 @@ class TokenBucket:
         args = [self.capacity, self.rate, "take"]
         for cost, floor in items:
             args += [repr(float(cost)), repr(float(floor) * self.capacity)]
-        granted, tokens = self._script(keys=[self.key], args=args)
-        return Grant(int(granted), float(tokens))
+        granted, tokens, at = self._script(keys=[self.key], args=args)
+        return Grant(int(granted), float(tokens), at=float(at))
 
     def settle(self, delta: float) -> float:
         """Debit ``delta`` more tokens (negative: give some back). Returns the tokens left."""
-        _granted, tokens = self._script(keys=[self.key], args=[self.capacity, self.rate, "settle", repr(float(delta))])
+        _granted, tokens, _at = self._script(keys=[self.key], args=[self.capacity, self.rate, "settle", repr(float(delta))])
         return float(tokens)
 
     def level(self) -> float:
