@@ -295,7 +295,7 @@ def figures(b: BudgetBench, machine: Machine) -> list:
     return [
         figure("budget.target_rate_max_window_dev", s["target_rate"]["max_dev"], "ratio", machine, "<= 0.10",
                lambda v: v <= 0.10, fixed_max_dev=s["fixed"]["max_dev"], **{k: v for k, v in s.items()}),
-        figure("budget.hard_overruns", h["overruns"], "windows", machine, "== 0", lambda v: v == 0, **h),
+        figure("budget.hard_overruns", h["overruns"], "overruns", machine, "== 0", lambda v: v == 0, **h),
         figure("budget.hard_used", h["used"], "ratio", machine, ">= 0.90", lambda v: v >= 0.90),
         figure("budget.priority_violations", p["priority"]["per_spend"], "spends", machine, "== 0",
                lambda v: v == 0, **p),
