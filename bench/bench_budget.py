@@ -30,7 +30,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import redis
@@ -159,7 +160,7 @@ def site(work: Path, name: str, **overrides: Any) -> Iterator[Site]:
 
 def run_shift(work: Path, quick: bool) -> dict[str, Any]:
     window = 1000  # items: the share is held per window, so a window must hold many quantile windows
-    half = 2 * window if quick else 4 * window
+    half = 3 * window // 2 if quick else 4 * window
     rng = np.random.default_rng(7)
     a = np.concatenate([scores(rng, half, 0.15), scores(rng, half, 0.30)])
     items = [(float(x), bool(rng.random() < 0.3)) for x in a]
@@ -275,7 +276,7 @@ class BudgetBench:
 
 
 def run_budget(work: Path, quick: bool) -> BudgetBench:
-    duration = 5.0 if quick else 15.0
+    duration = 3.0 if quick else 15.0
     shift = run_shift(work, quick)
     hard = run_hard_case(work, "hard", duration, demand_per_s=120, low_share=0.5, fall_share=0.5, rate=20,
                          burst_s=2.0, reserve=0.25)
@@ -308,7 +309,7 @@ def figures(b: BudgetBench, machine: Machine) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for budget.json and budget.md")
-    ap.add_argument("--quick", action="store_true", help="5-second runs and a 4000-item shift")
+    ap.add_argument("--quick", action="store_true", help="3-second runs and a 3000-item shift")
     args = ap.parse_args()
     from fallwatch import logging as fw_logging
 

@@ -24,7 +24,7 @@ MIN_SIDE = 16
 
 
 def planted_jpeg(agreement: float, is_fall: bool) -> tuple[bytes, int, int]:
-    width = MIN_SIDE + int(round(agreement * 1000))
+    width = MIN_SIDE + round(agreement * 1000)
     height = MIN_SIDE + int(is_fall)
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (90, 90, 90)).save(buf, format="JPEG", quality=50)

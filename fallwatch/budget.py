@@ -121,7 +121,8 @@ class TokenBucket:
 
     def settle(self, delta: float) -> float:
         """Debit ``delta`` more tokens (negative: give some back). Returns the tokens left."""
-        _granted, tokens, _at = self._script(keys=[self.key], args=[self.capacity, self.rate, "settle", repr(float(delta))])
+        args = [self.capacity, self.rate, "settle", repr(float(delta))]
+        _granted, tokens, _at = self._script(keys=[self.key], args=args)
         return float(tokens)
 
     def level(self) -> float:

@@ -142,16 +142,19 @@ class BudgetSettings(Section):
         "fixed", description="fixed: the configured or calibrated threshold. target_rate: the threshold follows a "
         "running quantile of recent agreement scores to hold target_rate. hard: at most hard_per_hour offloads "
         "or GPU-seconds per hour, shared through Redis.")
-    target_rate: float | None = Field(None, gt=0, lt=1,
-                                      description="target_rate mode: offload fraction; None: the checkpoint's calibrated one.")
-    window_items: int = Field(300, ge=10, le=1_000_000, description="target_rate: agreement scores kept for the quantile.")
+    target_rate: float | None = Field(
+        None, gt=0, lt=1, description="target_rate mode: offload fraction; None: the checkpoint's calibrated one.")
+    window_items: int = Field(300, ge=10, le=1_000_000,
+                              description="target_rate: agreement scores kept for the quantile.")
     window_s: float = Field(600.0, gt=0, le=86400, description="target_rate: scores older than this leave the window.")
-    min_items: int = Field(50, ge=1, le=1_000_000, description="target_rate: below this many scores, the fixed threshold.")
+    min_items: int = Field(50, ge=1, le=1_000_000,
+                           description="target_rate: below this many scores, the fixed threshold.")
     threshold_min: float = Field(0.0, ge=0, le=1, description="target_rate: lowest threshold it may choose.")
     threshold_max: float = Field(1.0, ge=0, le=1, description="target_rate: highest threshold it may choose.")
     hard_unit: Literal["offloads", "gpu_s"] = Field(
         "gpu_s", description="hard: what hard_per_hour counts: offloaded items, or GPU seconds measured by the cloud.")
-    hard_per_hour: float = Field(3600.0, gt=0, le=1e9, description="hard: offloads or GPU-seconds per hour for the site.")
+    hard_per_hour: float = Field(3600.0, gt=0, le=1e9,
+                                 description="hard: offloads or GPU-seconds per hour for the site.")
     burst_s: float = Field(30.0, gt=0, le=86400,
                            description="hard: bucket size, in seconds of refill (the most spent at once after a lull).")
     reserve: float = Field(0.25, ge=0, lt=1, description="hard: share of the bucket only rank-0 items (edge says no "

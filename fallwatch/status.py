@@ -11,7 +11,6 @@ unknown (None).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from fallwatch.budget import read_service
 from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, SchemaError, decode
 from fallwatch.settings import IngestSettings, Settings
@@ -274,16 +274,17 @@ def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
 def budget_row(client: redis.Redis, keys: Keys, settings: Settings, now: float) -> BudgetRow:
     """Read-only: the bucket is refilled here on paper, never written."""
     cfg = settings.cloud.budget
-    tokens, capacity = None, None
+    tokens, capacity, unit = None, None, None
     if cfg.mode == "hard":
-        capacity = cfg.hard_per_hour * cfg.burst_s / 3600
+        capacity, unit = cfg.hard_per_hour * cfg.burst_s / 3600, cfg.hard_unit
         level, ts = (_float(v) for v in client.hmget(keys.budget_bucket(), "tokens", "ts"))
-        tokens = capacity if level is None or ts is None else min(capacity, level + max(0.0, now - ts) * cfg.hard_per_hour / 3600)
-    counts = [int(_float(v) or 0) for v in client.mget(keys.counter("offloads_edge_budget"), keys.counter("offloads_edge_shed"))]
-    service = [json.loads(v)["item_s"] for v in client.hvals(keys.cloud_service())]
-    return BudgetRow(mode=cfg.mode, tokens=tokens, capacity=capacity, unit=cfg.hard_unit if cfg.mode == "hard" else None,
-                     kept_budget=counts[0], kept_shed=counts[1],
-                     cloud_item_s=sum(service) / len(service) if service else None)
+        refill = 0.0 if ts is None else max(0.0, now - ts) * cfg.hard_per_hour / 3600
+        tokens = capacity if level is None else min(capacity, level + refill)
+    kept = client.mget(keys.counter("offloads_edge_budget"), keys.counter("offloads_edge_shed"))
+    budget, shed = (int(_float(v) or 0) for v in kept)
+    service = read_service(client, keys, cfg.default_service_s, cfg.service_ttl_s)
+    return BudgetRow(mode=cfg.mode, tokens=tokens, capacity=capacity, unit=unit, kept_budget=budget, kept_shed=shed,
+                     cloud_item_s=service.item_s if service.measured else None)
 
 
 def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS,
