@@ -13,8 +13,8 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from alerts.events import CameraAlertState, on_final
 from alerts.merge import VerdictMerger
+from alerts.service import AlertsService
 from alerts.notify import compose
 from bench.planted import PlantedScorer, PlantedSwitcher, SleepyCloud, push_planted
 from cloud_worker.worker import build_worker, run
@@ -22,7 +22,7 @@ from edge_worker.budget import RateTracker, Router, ranked
 from edge_worker.worker import EdgeWorker
 from fallwatch.budget import ServiceReporter, TokenBucket, read_service
 from fallwatch.keys import Keys
-from fallwatch.metrics import EdgeMetrics, build_metrics
+from fallwatch.metrics import AlertsMetrics, EdgeMetrics, build_metrics
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import AlertEvent, CloudVerdict, Decider, EdgeVerdict, EventKind, EventType, decode
 from fallwatch.settings import BudgetSettings, Settings
@@ -230,17 +230,13 @@ def test_a_budget_marker_reaches_the_final_verdict_the_event_and_the_notificatio
     worker = edge(settings, r, keys)
     push_planted(r, keys, "cam1", [(LOW, True)] * 3)
     worker.step(block_ms=0)
-    merger = VerdictMerger(r, keys, settings.alerts)
-    finals = [merger.handle(v).final for v in edge_verdicts(r, keys).values()]
-    assert all(f.decided_by == Decider.EDGE_BUDGET and not f.offloaded and f.is_fall for f in finals)
-    state, steps = CameraAlertState(), []
-    for f in finals:
-        state, new = on_final(state, f, settings.alerts)
-        steps += new
-    start = next(s for s in steps if s.type == EventType.START)
-    assert start.decided_by == Decider.EDGE_BUDGET
-    event = AlertEvent(type=start.type, kind=EventKind.FALL, camera_id="cam1", started_at=start.at,
-                       confidence=start.confidence, decided_by=start.decided_by)
+    service = AlertsService(settings, r, keys, name="a1", metrics=AlertsMetrics.create(build_metrics()))
+    assert wait_for(lambda: service.step().idle and r.xlen(keys.final_stream()) >= 3
+                    and r.xlen(keys.alerts_stream()) > 0, 20)
+    finals = [decode(f)[0] for _, f in r.xrange(keys.final_stream())]
+    assert len(finals) == 3 and all(f.decided_by == Decider.EDGE_BUDGET and not f.offloaded and f.is_fall for f in finals)
+    event = decode(r.xrange(keys.alerts_stream())[0][1], expect=AlertEvent)[0]
+    assert event.type == EventType.START and event.decided_by == Decider.EDGE_BUDGET
     _title, body = compose(event)
     assert "cloud budget was spent" in body
     by = gather(r, settings).scoring.by_decider
