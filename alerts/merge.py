@@ -2,7 +2,8 @@
 
 Rules:
 
-- a confident edge verdict is final at once (decided by ``edge``);
+- a confident edge verdict is final at once (decided by ``edge``, or by ``edge_budget`` /
+  ``edge_shed`` when the switcher wanted the cloud but the budget or backpressure kept the item);
 - an offloaded frame (edge ``confident=False``) waits for its cloud verdict: a usable cloud
   verdict is final (``cloud``); a failed one makes the edge verdict final (``edge_cloud_failed``);
   none by ``captured_at + alerts.cloud_timeout_s`` makes the edge verdict final (``edge_timeout``);
@@ -35,6 +36,8 @@ from fallwatch.settings import AlertsSettings
 
 log = structlog.get_logger(__name__)
 
+# Final on the edge without an offload: confident, or kept by the cloud budget or backpressure.
+KEPT_ON_EDGE = frozenset({Decider.EDGE, Decider.EDGE_BUDGET, Decider.EDGE_SHED})
 PENDING_TTL_S = 7 * 86400
 FINAL_MAXLEN = 100_000
 
@@ -107,8 +110,8 @@ class VerdictMerger:
         return self.on_cloud(msg)
 
     def on_edge(self, v: EdgeVerdict) -> MergeResult:
-        if v.confident:
-            return self.finalize(self._from_edge(v, Decider.EDGE))
+        if v.confident:  # decided_by: edge_budget / edge_shed when the budget or backpressure kept it
+            return self.finalize(self._from_edge(v, v.decided_by or Decider.EDGE))
         if self.client.exists(self.keys.final_done(v.frame_id)):
             self._score_if_late(v)
             return MergeResult(Outcome.DUPLICATE, v.frame_id)
@@ -203,7 +206,7 @@ class VerdictMerger:
         now = self.clock()
         return FinalVerdict(
             frame_id=v.frame_id, camera_id=v.camera_id, captured_at=v.captured_at, is_fall=v.is_fall,
-            p_fall=v.p_fall, decided_by=by, offloaded=by is not Decider.EDGE,
+            p_fall=v.p_fall, decided_by=by, offloaded=by not in KEPT_ON_EDGE,
             latency_ms=self._latency_ms(v.captured_at, now), decided_at=now, gt_fall=v.gt_fall,
         )
 

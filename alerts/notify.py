@@ -56,6 +56,8 @@ DECIDER_TEXT = {
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
     Decider.CLOUD_AUDIT: "cloud model (LLaVA-NeXT-Video), auditing a no-fall edge verdict",
+    Decider.EDGE_BUDGET: "edge model (not sent to the cloud: the cloud budget was spent)",
+    Decider.EDGE_SHED: "edge model (not sent to the cloud: it was too busy to answer in time)",
 }
 
 

@@ -11,6 +11,7 @@ Sections (each also runs on its own, see its module):
 * ``e2e`` (bench_e2e): capture-to-verdict latency of 16 replayed cameras at 1 fps;
 * ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate;
 * ``live_dmd`` (bench_live_dmd): drift noticed, switcher refreshed and hot-reloaded on a planted stream.
+* ``budget`` (bench_budget): the cloud budget at run time on real workers with planted scores.
 
 ``DIR/results.json`` is a flat object, figure name -> {value, unit, target, met, load_average,
 machine (CPU, cores, torch, Python, git revision), details}. ``--quick`` keeps the whole suite
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
-SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd")
+SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd", "budget")
 
 
 class Suite:
@@ -100,6 +101,10 @@ class Suite:
         self.args.out.mkdir(parents=True, exist_ok=True)
         bench_live_dmd.plot(result, self.args.out)
         return bench_live_dmd.figures(result, self.machine)
+    def budget(self) -> list[Figure]:
+        import bench_budget
+
+        return bench_budget.figures(bench_budget.run_budget(self.work / "budget", self.args.quick), self.machine)
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,6 +17,7 @@ import structlog
 from pydantic import ValidationError
 
 from cloud_worker import live
+from fallwatch.budget import ServiceReporter, TokenBucket
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
@@ -34,6 +35,7 @@ class CloudRuntime:
     model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
     name: str
     metrics: CloudMetrics = field(default_factory=CloudMetrics.create)
+    service: ServiceReporter = field(default_factory=ServiceReporter)
 
 
 _runtime: CloudRuntime | None = None
@@ -82,7 +84,9 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
     started = time.perf_counter()
     if ready:
         verdicts += _score(rt, ready, items)
-    rt.metrics.observe_batch(len(reqs), time.perf_counter() - started, failed=len(missing))
+    seconds = time.perf_counter() - started
+    rt.metrics.observe_batch(len(reqs), seconds, failed=len(missing))
+    _account(rt, reqs, len(ready), seconds if ready else 0.0)
     late = sum(v.decided_at > r.deadline for v, r in zip(verdicts[len(missing):], ready))
     if late:
         rt.metrics.deadline_missed(late)
@@ -93,6 +97,16 @@ def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
     pipe.delete(*[r.pixels_key for r in reqs], *live.feature_keys(reqs))
     pipe.execute()
     return {"scored": len(ready), "failed": len(missing), "expired": len(expired)}
+
+
+def _account(rt: CloudRuntime, reqs: list[OffloadRequest], scored: int, seconds: float) -> None:
+    """Measure the model seconds per item (the worker reports them with the job's wall time), and
+    settle a hard GPU-seconds budget: the edge debited an estimate per item; the bucket is charged
+    what the job really took (nothing for items not scored)."""
+    rt.service.observe_items(scored, seconds)
+    debited = sum(r.budget_cost_s for r in reqs)
+    if debited > 0:
+        TokenBucket.for_site(rt.client, rt.keys, rt.settings.cloud.budget).settle(seconds - debited)
 
 
 def _load_items(rt: CloudRuntime, reqs: list[OffloadRequest]):

@@ -12,6 +12,7 @@ being run, so a write to the queue cannot make a worker unpickle or call arbitra
 from __future__ import annotations
 
 import threading
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -66,9 +67,9 @@ class CloudWorker(SimpleWorker):
 def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
-    queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
-    audits = Queue(keys.audit_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
-    worker = CloudWorker([queue, audits], connection=client, serializer=JSONSerializer, name=name)
+    queues = [Queue(q, connection=client, serializer=JSONSerializer)
+              for q in [*keys.offload_queues(settings.cloud.queue), keys.audit_queue(settings.cloud.queue)]]
+    worker = CloudWorker(queues, connection=client, serializer=JSONSerializer, name=name)  # served in priority order
     worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
     worker.max_connection_wait_time = settings.redis.retry_cap_s  # RQ's own reconnect backoff (60 s by default)
     return worker
@@ -97,6 +98,9 @@ def reject_job(worker: CloudWorker, job_id: str, queue: Queue, problem: str, job
         if job is not None:
             record_job_failure(job, f"rejected by {worker.name}: {problem}", pipe)
         pipe.execute()
+
+
+IDLE_DEQUEUE_S = 0.05  # a dequeue slower than this waited for work (not counted in the service time)
 
 
 class Outcome(StrEnum):
@@ -128,14 +132,26 @@ def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
 
 def work_one(worker: CloudWorker) -> Outcome:
     """Maintenance when due, then dequeue and run (or reject) one job."""
+    started = time.perf_counter()
     if worker.should_run_maintenance_tasks:
         worker.run_maintenance_tasks()
+    waited = time.perf_counter()
     result = _next_job(worker)
     if isinstance(result, Outcome):
         return result
+    waited = time.perf_counter() - waited
     worker.execute_job(*result)
     worker.heartbeat()
+    # a whole cycle is what each job ahead costs a queued one; a dequeue that blocked was idle time
+    report_service(time.perf_counter() - started - (waited if waited > IDLE_DEQUEUE_S else 0.0))
     return Outcome.RAN
+
+
+def report_service(job_s: float) -> None:
+    """Share this worker's measured seconds per job and per item with the edge (backpressure, budget)."""
+    rt = runtime()
+    rt.service.observe_job(job_s)
+    rt.service.write(rt.client, rt.keys, rt.name)
 
 
 def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_cap_s: float = 5.0) -> int:

@@ -22,6 +22,7 @@ from rq.callbacks import Callback
 from rq.serializers import JSONSerializer
 
 from edge_worker.audit import LiveDmd
+from edge_worker.budget import Router
 from edge_worker.decode import DecodedFrame, decode_entry
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
@@ -56,6 +57,7 @@ class StepResult:
     scored: int = 0
     confident: int = 0
     offloaded: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # would-be offloads kept: edge_budget / edge_shed
     dead_lettered: int = 0
     claimed: int = 0
     edge_ms: float = 0.0
@@ -76,7 +78,10 @@ class EdgeWorker:
         self.model = model
         self.switcher = switcher
         self.name = name or worker_name("edge")
-        self.queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+        self.queues = [Queue(q, connection=client, serializer=JSONSerializer)
+                       for q in keys.offload_queues(settings.cloud.queue)]
+        self.queue = self.queues[0]
+        self.router = Router(settings, client, keys, [q.key for q in self.queues], default_target(settings, switcher))
         self._last_claim = 0.0
         self.metrics = metrics or EdgeMetrics.create()
         self.beat = Heartbeat(client, keys, "edge", self.name, settings.metrics)
@@ -185,22 +190,48 @@ class EdgeWorker:
         scores = self.model.score([f.image for f in frames])
         agreement = self.switcher.agreement(scores.features) if self.switcher is not None else None
         per_item_ms = scores.wall_s * 1000 / len(frames)
-        verdicts = [self._verdict(f, scores.p_fall[i], None if agreement is None else agreement[i], per_item_ms)
+        held = self.router.threshold(agreement)
+        verdicts = [self._verdict(f, scores.p_fall[i], None if agreement is None else agreement[i], per_item_ms, held)
                     for i, f in enumerate(frames)]
-        offloads = [(f, v) for f, v in zip(frames, verdicts) if not v.confident]
+        offloads = self._plan(frames, verdicts, result)
         self.live.stash_offloads(verdicts, scores.features)
         self._write(verdicts, offloads)
         result.audited = self.live.audit(frames, verdicts, scores.features, self._offload_request)
         result.scored = len(frames)
         result.offloaded = len(offloads)
-        result.confident = len(frames) - len(offloads)
+        result.confident = len(frames) - len(offloads) - sum(result.kept.values())
         result.edge_ms = scores.wall_s * 1000
         self.metrics.observe_batch(len(frames), scores.wall_s)
         self.metrics.observe_decisions(result.confident, result.offloaded)
 
-    def _verdict(self, frame: DecodedFrame, p_fall: float, agreement: float | None, edge_ms: float) -> EdgeVerdict:
+    def _plan(self, frames: list[DecodedFrame], verdicts: list[EdgeVerdict], result: StepResult):
+        """Rank the would-be offloads, keep on the edge what the budget or backpressure refuses;
+        the rest as (frame, verdict, rank, debited GPU seconds), highest priority first."""
+        wanted = [i for i, v in enumerate(verdicts) if not v.confident]
+        if not wanted:
+            return []
+        plan = self.router.plan([verdicts[i] for i in wanted],
+                                [frames[i].msg.captured_at + self.settings.alerts.cloud_timeout_s for i in wanted])
+        for j, by in plan.kept.items():
+            i = wanted[j]
+            verdicts[i] = verdicts[i].model_copy(update={"confident": True, "decided_by": by})
+            result.kept[by.value] = result.kept.get(by.value, 0) + 1
+        if plan.kept:
+            self._count_kept(result.kept)
+        return [(frames[wanted[j]], verdicts[wanted[j]], plan.ranks[j], plan.cost_s) for j in plan.send]
+
+    def _count_kept(self, kept: dict[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for by, n in kept.items():
+            pipe.incrby(self.keys.counter(f"offloads_{by}"), n)
+            self.metrics.kept(by, n)
+        pipe.execute()
+        log.info("offloads_kept_on_edge", worker=self.name, **kept)
+
+    def _verdict(self, frame: DecodedFrame, p_fall: float, agreement: float | None, edge_ms: float,
+                 held: float | None = None) -> EdgeVerdict:
         msg = frame.msg
-        threshold = self.threshold_for(msg.camera_id)
+        threshold = held if held is not None else self.threshold_for(msg.camera_id)
         if self.settings.switcher.offload_all:
             confident = False
         elif agreement is None or threshold is None:
@@ -214,11 +245,11 @@ class EdgeWorker:
             switcher_version=self.switcher_version,
         )
 
-    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict]]) -> None:
+    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict, int, float]]) -> None:
         """Pixels and verdicts in one round trip, then the offload job (after its pixels exist)."""
         pipe = self.client.pipeline(transaction=False)
         ttl = self.settings.ingest.pixels_ttl_s
-        for frame, _ in offloads:
+        for frame, *_ in offloads:
             key = self.keys.pixels(frame.msg.frame_id)
             pipe.hset(key, mapping={b"p%d" % i: img for i, img in enumerate(frame.jpegs)})
             pipe.expire(key, ttl)
@@ -226,25 +257,30 @@ class EdgeWorker:
             pipe.xadd(self.keys.verdicts_stream(), encode(v))
         pipe.execute()
         if offloads:
-            self.enqueue([self._offload_request(f, v) for f, v in offloads])
+            self.enqueue([self._offload_request(f, v, rank, cost) for f, v, rank, cost in offloads])
 
-    def _offload_request(self, frame: DecodedFrame, verdict: EdgeVerdict) -> OffloadRequest:
+    def _offload_request(self, frame: DecodedFrame, verdict: EdgeVerdict, rank: int = 0,
+                         cost_s: float = 0.0) -> OffloadRequest:
         msg = frame.msg
         return OffloadRequest(
             frame_id=msg.frame_id, camera_id=msg.camera_id, captured_at=msg.captured_at, kind=msg.kind,
             n_images=msg.n_images, pixels_key=self.keys.pixels(msg.frame_id), edge_p_fall=verdict.p_fall,
             agreement=verdict.agreement, deadline=msg.captured_at + self.settings.alerts.cloud_timeout_s,
             gt_fall=msg.gt_fall, features_key=self.keys.edge_features(msg.frame_id),
-            switcher_version=verdict.switcher_version,
+            switcher_version=verdict.switcher_version, rank=rank, budget_cost_s=cost_s,
         )
 
     def enqueue(self, requests: list[OffloadRequest]) -> None:
-        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised."""
+        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised, on the queue of its rank."""
+        for rank, queue in enumerate(self.queues):
+            self._enqueue_on(queue, [r for r in requests if min(r.rank, len(self.queues) - 1) == rank])
+
+    def _enqueue_on(self, queue: Queue, requests: list[OffloadRequest]) -> None:
         size = self.settings.cloud.batch_size
         for start in range(0, len(requests), size):
             chunk = [to_dict(r) for r in requests[start:start + size]]
             retry = Retry(max=self.settings.cloud.retries) if self.settings.cloud.retries else None
-            self.queue.enqueue(
+            queue.enqueue(
                 OFFLOAD_JOB, chunk, job_timeout=self.settings.cloud.job_timeout_s, retry=retry,
                 on_failure=Callback(OFFLOAD_FAILED), result_ttl=300, failure_ttl=86400,
                 ttl=int(self.settings.alerts.cloud_timeout_s) + 60,
@@ -253,7 +289,8 @@ class EdgeWorker:
     # --- liveness ----------------------------------------------------------------------
     def heartbeat(self, force: bool = False) -> None:
         if self.beat.beat(force):
-            self.metrics.set_queue_depth(self.queue.name, self.queue.count)
+            for queue in self.queues:
+                self.metrics.set_queue_depth(queue.name, queue.count)
 
     def run(self, stop: threading.Event) -> None:
         """Process batches until ``stop`` is set. Redis outages are retried, never fatal."""
@@ -279,6 +316,15 @@ class EdgeWorker:
         except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
             log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
         log.info("edge_worker_stopped", worker=self.name)
+
+
+def default_target(settings: Settings, switcher: AgreementModel | None) -> float | None:
+    """target_rate mode's target: the configured one, else the switcher checkpoint's calibrated share."""
+    if settings.cloud.budget.target_rate is not None:
+        return settings.cloud.budget.target_rate
+    calibration = (getattr(switcher, "card", None) or {}).get("calibration") or {}
+    fraction = calibration.get("offload_fraction")
+    return float(fraction) if fraction else None
 
 
 def _s(value: bytes | str) -> str:

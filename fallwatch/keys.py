@@ -224,3 +224,16 @@ class Keys:
     def audit_done(self, frame_id: str) -> str:
         """Marker that an audit verdict of a frame was applied (a redelivery changes nothing)."""
         return self._k("audit", frame_id)
+    def offload_queues(self, base: str = "cloud") -> list[str]:
+        """Offload queues in priority order (cloud workers listen in this order): rank 0 = the edge says
+        no fall with low agreement (a fall may be missed), rank 1 = the edge says fall with low agreement."""
+        return [self.cloud_queue(base), self.cloud_queue(f"{base}-r1")]
+
+    # --- cloud budget and backpressure ---------------------------------------------------
+    def budget_bucket(self) -> str:
+        """Hash: the site's hard cloud budget (token bucket: tokens, refill time), shared by edge workers."""
+        return self._k("budget", "bucket")
+
+    def cloud_service(self) -> str:
+        """Hash: per cloud worker, its recent measured seconds per item and per job (JSON), for the edge."""
+        return self._k("cloud", "service")

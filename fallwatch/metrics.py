@@ -105,6 +105,8 @@ class FallwatchMetrics:
     notifications_failed: Counter
     # live DMD
     switcher_drift: Gauge
+    # cloud budget
+    offloads_kept: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics:
@@ -150,6 +152,8 @@ def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics
         switcher_drift=gauge("switcher_drift", "Live switcher figures from audits per camera ('*' = site): agreement "
                              "rate of edge-decided items with its interval, the calibrated expectation, offload rates.",
                              ["scope", "figure"]),
+        offloads_kept=counter("offloads_kept", "Items the switcher would offload that stayed on the edge: "
+                              "edge_budget (budget spent) or edge_shed (the cloud would answer too late).", ["reason"]),
     )
 
 
@@ -234,6 +238,7 @@ class EdgeMetrics(_Facade):
     offload_ratio: Gauge
     dead_letters: Counter
     queue_depth: Gauge
+    offloads_kept: Counter
     _window: _RatioWindow = field(default_factory=_RatioWindow, repr=False, compare=False)
 
 
@@ -257,6 +262,10 @@ class EdgeMetrics(_Facade):
 
     def set_queue_depth(self, queue: str, depth: int) -> None:
         self.queue_depth.labels(safe_label(queue, "queue")).set(depth)
+
+    def kept(self, reason: str, n: int = 1) -> None:
+        """Would-be offloads kept on the edge: reason edge_budget or edge_shed."""
+        self.offloads_kept.labels(safe_label(reason, "reason")).inc(n)
 
 
 @dataclass(frozen=True)

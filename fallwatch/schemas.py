@@ -125,6 +125,8 @@ class EdgeVerdict(Message):
     gt_fall: bool | None = None
     worker: str = ""
     switcher_version: str | None = Field(None, max_length=64, description="Switcher checkpoint that decided.")
+    decided_by: Decider | None = Field(None, description="Set on a confident verdict the switcher wanted to offload "
+                                       "but the budget (edge_budget) or backpressure (edge_shed) kept on the edge.")
 
 
 class OffloadRequest(Message):
@@ -144,6 +146,9 @@ class OffloadRequest(Message):
     features_key: str | None = Field(None, description="TTL key with the edge features (live DMD store).")
     inclusion: float = Field(1.0, gt=0, le=1, description="Probability that this route sent the item to the cloud.")
     switcher_version: str | None = Field(None, max_length=64, description="Switcher version that routed the item.")
+    rank: int = Field(0, ge=0, le=15, description="Offload priority (0 first): the queue it was sent to.")
+    budget_cost_s: float = Field(0.0, ge=0, description="GPU seconds the edge debited from a hard budget for it; "
+                                 "the cloud worker settles the difference with the measured time.")
 
 
 class CloudVerdict(Message):

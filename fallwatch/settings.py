@@ -196,6 +196,46 @@ class SwitcherSettings(Section):
                             "a hash of frame id and seed, so a replay audits the same frames.")
 
 
+class BudgetSettings(Section):
+    """The site's cloud budget at run time (``cloud.budget``), shared by every edge worker of the site."""
+
+    mode: Literal["fixed", "target_rate", "hard"] = Field(
+        "fixed", description="fixed: the configured or calibrated threshold. target_rate: the threshold follows a "
+        "running quantile of recent agreement scores to hold target_rate. hard: at most hard_per_hour offloads "
+        "or GPU-seconds per hour, shared through Redis.")
+    target_rate: float | None = Field(
+        None, gt=0, lt=1, description="target_rate mode: offload fraction; None: the checkpoint's calibrated one.")
+    window_items: int = Field(300, ge=10, le=1_000_000,
+                              description="target_rate: agreement scores kept for the quantile.")
+    window_s: float = Field(600.0, gt=0, le=86400, description="target_rate: scores older than this leave the window.")
+    min_items: int = Field(50, ge=1, le=1_000_000,
+                           description="target_rate: below this many scores, the fixed threshold.")
+    threshold_min: float = Field(0.0, ge=0, le=1, description="target_rate: lowest threshold it may choose.")
+    threshold_max: float = Field(1.0, ge=0, le=1, description="target_rate: highest threshold it may choose.")
+    hard_unit: Literal["offloads", "gpu_s"] = Field(
+        "gpu_s", description="hard: what hard_per_hour counts: offloaded items, or GPU seconds measured by the cloud.")
+    hard_per_hour: float = Field(3600.0, gt=0, le=1e9,
+                                 description="hard: offloads or GPU-seconds per hour for the site.")
+    burst_s: float = Field(30.0, gt=0, le=86400,
+                           description="hard: bucket size, in seconds of refill (the most spent at once after a lull).")
+    reserve: float = Field(0.25, ge=0, lt=1, description="hard: share of the bucket only rank-0 items (edge says no "
+                           "fall) may spend, so a missed fall outranks a false alarm within a window.")
+    fallback_share: float | None = Field(None, gt=0, le=1, description="hard: share of the budget a worker that cannot "
+                                         "reach Redis may spend on its own; None: 1 / live edge workers.")
+    default_service_s: float = Field(1.0, gt=0, le=600,
+                                     description="GPU seconds per item assumed before any cloud worker has reported.")
+    backpressure: bool = Field(True, description="Keep on the edge (edge_shed) an item the cloud would answer only "
+                               "after alerts.cloud_timeout_s, from the cloud's measured service time and queue depth.")
+    service_ttl_s: float = Field(300.0, gt=0, le=86400,
+                                 description="A cloud worker's service-time report older than this is ignored.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "BudgetSettings":
+        if self.threshold_min > self.threshold_max:
+            raise ValueError("threshold_min must not exceed threshold_max")
+        return self
+
+
 class CloudSettings(Section):
     model: str = Field("llava-hf/LLaVA-NeXT-Video-7B-hf", min_length=1,
                        description="LLaVA-NeXT-Video model id, local path, or 'tiny'.")
@@ -218,6 +258,7 @@ class CloudSettings(Section):
         None, ge=1, le=64, description="Most items in one forward pass of the cloud model (a job's batch is split "
         "into passes of this size); unset: as many as fit in the GPU memory left after loading (docs/dmd.md), "
         "no limit on the CPU.")
+    budget: BudgetSettings = Field(default_factory=BudgetSettings, description="Cloud budget at run time.")
 
 
 class AlertsSettings(Section):

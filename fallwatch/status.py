@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from fallwatch.budget import read_service
 from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, SchemaError, decode
 from fallwatch.settings import IngestSettings, Settings
@@ -107,6 +108,16 @@ class ScoringRow(Record):
     by_decider: dict[str, int]
 
 
+class BudgetRow(Record):
+    mode: str
+    tokens: float | None = Field(None, description="hard: tokens in the shared bucket now (refill included).")
+    capacity: float | None = None
+    unit: str | None = None
+    kept_budget: int = Field(0, description="Would-be offloads kept on the edge: budget spent (edge_budget).")
+    kept_shed: int = Field(0, description="Would-be offloads kept on the edge: too late to answer (edge_shed).")
+    cloud_item_s: float | None = Field(None, description="Cloud's recent measured seconds per item.")
+
+
 class StatusSnapshot(Record):
     at: float
     key_prefix: str
@@ -144,6 +155,7 @@ def drift_rows(client: redis.Redis, keys: Keys) -> list[DriftRow]:
         fields = {k: v for k, v in data.items() if k in DriftRow.model_fields}
         rows.append(DriftRow(**fields, drifting=data.get("event_id") is not None))
     return rows
+    budget: BudgetRow | None = Field(None, description="The cloud budget: mode, hard bucket level, items kept.")
 
 
 # --- gathering -----------------------------------------------------------------------------------
@@ -293,6 +305,22 @@ def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
                       by_decider=by)
 
 
+def budget_row(client: redis.Redis, keys: Keys, settings: Settings, now: float) -> BudgetRow:
+    """Read-only: the bucket is refilled here on paper, never written."""
+    cfg = settings.cloud.budget
+    tokens, capacity, unit = None, None, None
+    if cfg.mode == "hard":
+        capacity, unit = cfg.hard_per_hour * cfg.burst_s / 3600, cfg.hard_unit
+        level, ts = (_float(v) for v in client.hmget(keys.budget_bucket(), "tokens", "ts"))
+        refill = 0.0 if ts is None else max(0.0, now - ts) * cfg.hard_per_hour / 3600
+        tokens = capacity if level is None else min(capacity, level + refill)
+    kept = client.mget(keys.counter("offloads_edge_budget"), keys.counter("offloads_edge_shed"))
+    budget, shed = (int(_float(v) or 0) for v in kept)
+    service = read_service(client, keys, cfg.default_service_s, cfg.service_ttl_s)
+    return BudgetRow(mode=cfg.mode, tokens=tokens, capacity=capacity, unit=unit, kept_budget=budget, kept_shed=shed,
+                     cloud_item_s=service.item_s if service.measured else None)
+
+
 def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS,
            now: float | None = None) -> StatusSnapshot:
     """A read-only snapshot of cameras, streams, queue, workers, recent events and offload rate."""
@@ -306,6 +334,7 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
         queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
         problems=problems, escalations_pending=int(client.zcard(keys.escalations())), drift=drift_rows(client, keys),
+        budget=budget_row(client, keys, settings, now),
     )
 
 
@@ -411,6 +440,12 @@ def _drift_table(snap: StatusSnapshot) -> Any:
     return t
 
 
+def _budget_line(b: BudgetRow) -> str:
+    level = f", bucket {b.tokens:.1f} of {b.capacity:.1f} {b.unit}" if b.tokens is not None and b.capacity else ""
+    return (f"cloud budget {b.mode}{level}; kept on the edge: edge_budget {b.kept_budget}, edge_shed {b.kept_shed}; "
+            f"cloud {_num(b.cloud_item_s, '{:.2f}')} s per item")
+
+
 def render(snap: StatusSnapshot) -> Any:
     """Rich renderable of a snapshot: cameras, streams, workers and queue, recent events."""
     from rich.console import Group  # noqa: PLC0415
@@ -421,5 +456,7 @@ def render(snap: StatusSnapshot) -> Any:
     parts: list[Any] = [header, _camera_table(snap), _stream_table(snap), _workers_table(snap), _events_table(snap)]
     if snap.drift:
         parts.append(_drift_table(snap))
+    if snap.budget is not None:
+        parts.append(Text(_budget_line(snap.budget)))
     parts += [Text(p, style="red") for p in snap.problems]
     return Group(*parts)

@@ -25,6 +25,10 @@ def verdicts(r: redis.Redis, keys: Keys) -> list[EdgeVerdict]:
     return [decode(f)[0] for _, f in r.xrange(keys.verdicts_stream())]
 
 
+def rank_queue(v: EdgeVerdict) -> int:
+    return 1 if v.is_fall else 0
+
+
 def drain(worker: EdgeWorker, max_steps: int = 20) -> int:
     total = 0
     for _ in range(max_steps):
@@ -70,13 +74,16 @@ def test_offload_keeps_pixels_and_enqueues_a_json_job(settings: Settings, r, key
         key = keys.pixels(fid)
         assert 0 < r.ttl(key) <= settings.ingest.pixels_ttl_s
     assert r.hlen(keys.pixels(clip_ids[0])) == 4
-    queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=r, serializer=JSONSerializer)
-    assert queue.count == 1  # one micro-batched job for the batch
-    job = queue.jobs[0]
-    assert job.func_name == OFFLOAD_JOB
-    requests = job.args[0]
-    assert [q["frame_id"] for q in requests] == ids + clip_ids
-    assert requests[-1]["kind"] == "clip" and requests[-1]["n_images"] == 4
+    queues = [Queue(q, connection=r, serializer=JSONSerializer) for q in keys.offload_queues(settings.cloud.queue)]
+    jobs = [j for q in queues for j in q.jobs]
+    assert len(jobs) == len({rank_queue(v) for v in verdicts(r, keys)})  # one micro-batched job per priority queue
+    job = jobs[0]
+    assert all(j.func_name == OFFLOAD_JOB for j in jobs)
+    requests = {q["frame_id"]: q for j in jobs for q in j.args[0]}
+    assert sorted(requests) == sorted(ids + clip_ids)
+    assert requests[clip_ids[0]]["kind"] == "clip" and requests[clip_ids[0]]["n_images"] == 4
+    by_id = {v.frame_id: v for v in verdicts(r, keys)}
+    assert all(q["rank"] == rank_queue(by_id[f]) for f, q in requests.items())  # edge says fall: rank 1
     raw = zlib.decompress(r.hget(job.key, "data"))
     assert json.loads(raw)[0] == OFFLOAD_JOB  # stored as (compressed) JSON, never pickle
 
@@ -90,8 +97,9 @@ def test_micro_batches_are_split_by_cloud_batch_size(settings: Settings, r, keys
     worker = EdgeWorker(settings, r, keys, tiny_edge, name="w1")
     worker.ensure_group()
     worker.step(block_ms=0)
-    queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=r, serializer=JSONSerializer)
-    assert sorted(len(j.args[0]) for j in queue.jobs) == [2, 3, 3]
+    sizes = [len(j.args[0]) for q in keys.offload_queues(settings.cloud.queue)
+             for j in Queue(q, connection=r, serializer=JSONSerializer).jobs]
+    assert sum(sizes) == 8 and max(sizes) == 3 and len(sizes) <= 4  # split by batch size within each rank
 
 
 def test_poison_entries_are_dead_lettered_and_the_worker_carries_on(settings: Settings, r, keys, tiny_edge) -> None:

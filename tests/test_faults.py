@@ -179,7 +179,9 @@ def test_cloud_worker_killed_mid_job(server, client, tmp_path) -> None:
     assert tally.lost == () and tally.duplicates == 0 and tally.unexpected == ()
     assert {by_frame[f].decided_by for f in orphaned} == {Decider.EDGE_TIMEOUT}
     assert all(by_frame[f].decided_at - by_frame[f].captured_at >= timeout_s for f in orphaned)
-    assert {v.decided_by for f, v in by_frame.items() if f not in orphaned} <= {Decider.CLOUD, Decider.EDGE_TIMEOUT}
+    # the others: the cloud, a timeout, or kept on the edge at once when the one live worker was too far behind
+    assert ({v.decided_by for f, v in by_frame.items() if f not in orphaned}
+            <= {Decider.CLOUD, Decider.EDGE_TIMEOUT, Decider.EDGE_SHED})
     assert_clean_exit(codes, roles, killed=("cloud-a",))
 
 

@@ -32,3 +32,10 @@ def test_key_formats_are_pinned() -> None:
 
 def test_default_prefix() -> None:
     assert Keys().frames_stream() == "fallwatch:stream:frames"
+
+
+def test_budget_key_formats_are_pinned() -> None:
+    k = Keys("fw")
+    assert k.offload_queues() == ["fw-cloud", "fw-cloud-r1"]  # priority order: rank 0 keeps the old queue name
+    assert k.budget_bucket() == "fw:budget:bucket"
+    assert k.cloud_service() == "fw:cloud:service"
