@@ -131,6 +131,7 @@ class StatusSnapshot(Record):
     problems: list[str] = Field(default_factory=list, description="Entries that could not be read.")
     escalations_pending: int = Field(0, description="Open fall events waiting for their next escalation tier.")
     drift: list["DriftRow"] = Field(default_factory=list, description="Switcher drift figures per camera / site.")
+    budget: BudgetRow | None = Field(None, description="The cloud budget: mode, hard bucket level, items kept.")
 
 
 class DriftRow(Record):
