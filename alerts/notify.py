@@ -207,7 +207,7 @@ class NotificationChannel(ABC):
             return DeliveryStatus.SUPPRESSED
         try:
             ok = self.deliver(note, attachment)
-        except Exception as exc:  # a channel must never take the notifier down
+        except Exception as exc:  # noqa: BLE001 - a channel must never take the notifier down
             log.warning("notification_error", channel=self.name, error=_SECRETS.scrub(f"{type(exc).__name__}: {exc}"))
             ok = False
         if not ok:

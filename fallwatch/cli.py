@@ -185,7 +185,7 @@ def demo(
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up waiting for final verdicts after this.")] = 150.0,
 ) -> None:
     """Run the whole system end to end on synthetic data and tiny models (or yours), then summarise."""
-    from fallwatch.demo import DemoConfig, run_demo
+    from fallwatch.demo import DemoConfig, run_demo  # noqa: PLC0415 - the demo pulls in every component
 
     cfg = DemoConfig(workdir=workdir, edge=edge, cloud=cloud, cloud_device=cloud_device, dataset=dataset,
                      clips=clips, timeout_s=timeout_s)
@@ -262,7 +262,7 @@ def _load_plugins() -> None:
     for ep in entry_points(group="fallwatch.cli"):
         try:
             ep.load()(app)
-        except Exception as exc:  # a broken component must not take the whole CLI down
+        except Exception as exc:  # noqa: BLE001 - a broken component must not take the whole CLI down
             print(f"fallwatch: sub-commands of {ep.name!r} are unavailable: {exc}", file=sys.stderr)
 
 
