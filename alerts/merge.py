@@ -29,14 +29,13 @@ import redis
 import structlog
 
 from alerts.stats import final_increments
+from fallwatch.defaults import FINAL_MAXLEN, PENDING_TTL_S
 from fallwatch.keys import Keys
-from fallwatch.schemas import CloudVerdict, Decider, DeadLetter, EdgeVerdict, FinalVerdict, encode
+from fallwatch.schemas import CloudVerdict, Decider, EdgeVerdict, FinalVerdict, encode
 from fallwatch.settings import AlertsSettings
+from fallwatch.streams import text, write_dead_letter
 
 log = structlog.get_logger(__name__)
-
-PENDING_TTL_S = 7 * 86400
-FINAL_MAXLEN = 100_000
 
 _FINALIZE = """
 if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[3]) then return false end
@@ -140,7 +139,7 @@ class VerdictMerger:
     def expire(self, limit: int = 100) -> list[MergeResult]:
         """Finalise frames whose cloud deadline has passed with their edge verdict."""
         due = self.client.zrangebyscore(self.keys.pending_verdicts(), "-inf", self.clock(), start=0, num=limit)
-        return [self._expire_one(fid.decode()) for fid in due]
+        return [self._expire_one(text(fid)) for fid in due]
 
     def _expire_one(self, frame_id: str) -> MergeResult:
         raw = self.client.get(self.keys.pending_edge(frame_id))
@@ -153,10 +152,9 @@ class VerdictMerger:
         self.client.delete(self.keys.pending_cloud(frame_id))
         if self.client.exists(self.keys.final_done(frame_id)):
             return MergeResult(Outcome.DUPLICATE, frame_id)
-        dl = DeadLetter(source=self.keys.pending_verdicts(), entry_id=frame_id, reason="no_edge_verdict",
-                        error="the cloud job failed and no edge verdict arrived by the deadline",
-                        worker=self.worker)
-        self.client.xadd(self.keys.dead_letter_stream(), encode(dl), maxlen=FINAL_MAXLEN, approximate=True)
+        write_dead_letter(self.client, self.keys.dead_letter_stream(), self.keys.pending_verdicts(), frame_id,
+                          "no_edge_verdict", "the cloud job failed and no edge verdict arrived by the deadline",
+                          self.worker)
         log.error("no_verdict_for_frame", frame=frame_id)
         return MergeResult(Outcome.DEAD, frame_id)
 

@@ -38,7 +38,8 @@ import redis
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from alerts.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.streams import Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, text
+from fallwatch.defaults import DELIVERED_TTL_S
 from fallwatch.keys import Keys
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
@@ -47,7 +48,6 @@ from fallwatch.settings import NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
 
-DELIVERED_TTL_S = 30 * 86400
 OUTBOX_FIELD = b"d"
 
 DECIDER_TEXT = {
@@ -351,12 +351,15 @@ class Notifier:
 
     def run(self, stop: threading.Event) -> None:
         log.info("notifier_started", consumer=self.name, channels=len(self.channels))
+        backoff = Backoff.redis(self.settings.redis)
         while not stop.is_set():
             try:
                 self.step(self.block_ms)
+                backoff.reset()
             except redis.RedisError as exc:
-                log.warning("notifier_redis_error", error=redact_text(str(exc)))
-                stop.wait(1.0)
+                delay = backoff.next()
+                log.warning("notifier_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
+                stop.wait(delay)
                 self._started = False  # set the group up again after a server restart
         log.info("notifier_stopped", consumer=self.name)
 
@@ -375,7 +378,7 @@ class Notifier:
                 continue
             claimed = self.client.xclaim(self.stream, self.group, self.name, wait_ms, [p["message_id"]])
             for entry_id, fields in claimed:
-                yield Entry(self.stream, entry_id.decode(), fields or None)
+                yield Entry(self.stream, text(entry_id), fields or None)
 
     # --- one entry -----------------------------------------------------------------------------
     def _handle(self, entry: Entry, tally: dict[str, int]) -> None:

@@ -23,8 +23,8 @@ import structlog
 
 from alerts.merge import MergeResult, Outcome, VerdictMerger
 from alerts.store import EventStore
-from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
-                            trim_consumed)
+from fallwatch.streams import (Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
+                               trim_consumed)
 from fallwatch.keys import Keys
 from fallwatch.logging import redact_text
 from fallwatch.metrics import AlertsMetrics
@@ -187,17 +187,17 @@ class AlertsService:
     def run(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set; Redis outages are waited out with capped backoff."""
         log.info("alerts_started", consumer=self.name)
-        delay, last_beat = 0.1, 0.0
+        backoff, last_beat = Backoff.redis(self.settings.redis), 0.0
         while not stop.is_set():
             try:
                 if time.monotonic() - last_beat >= self.settings.metrics.heartbeat_s:
                     self.heartbeat()
                     last_beat = time.monotonic()
                 self.step(self.block_ms)
-                delay = 0.1
+                backoff.reset()
             except redis.RedisError as exc:
+                delay = backoff.next()
                 log.warning("alerts_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
                 stop.wait(delay)
-                delay = min(delay * 2, 5.0)
                 self._ready = False  # a restarted server may have lost the groups
         log.info("alerts_stopped", consumer=self.name)

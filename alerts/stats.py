@@ -16,6 +16,7 @@ import redis
 
 from fallwatch.keys import Keys
 from fallwatch.schemas import Decider, FinalVerdict
+from fallwatch.streams import text
 
 BUCKET_GROWTH = 1.05
 _LOG_GROWTH = math.log(BUCKET_GROWTH)
@@ -92,7 +93,7 @@ class StatsReport:
 
 def report_from_hash(raw: dict[bytes | str, bytes | str]) -> StatsReport:
     """Turn the raw stats hash into rates and percentiles."""
-    counts = {(k.decode() if isinstance(k, bytes) else k): int(float(v)) for k, v in raw.items()}
+    counts = {text(k): int(float(v)) for k, v in raw.items()}
 
     def c(name: str) -> int:
         return counts.get(name, 0)

@@ -18,13 +18,13 @@ import structlog
 
 from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_status, on_tick
 from alerts.notify import deliveries_for
+from fallwatch.defaults import EVENT_TTL_S
 from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, CameraStatus, EventType, FinalVerdict, encode
 from fallwatch.settings import Settings
+from fallwatch.streams import text
 
 log = structlog.get_logger(__name__)
-
-EVENT_TTL_S = 30 * 86400
 
 
 class EventNotFound(KeyError):
@@ -103,7 +103,7 @@ class EventStore:
         now = self.clock()
         events: list[AlertEvent] = []
         for raw in self.client.smembers(self.keys.alert_cameras()):
-            events += self.transact(raw.decode(), lambda s: on_tick(s, now, self.cfg))
+            events += self.transact(text(raw), lambda s: on_tick(s, now, self.cfg))
         return events
 
     def state(self, camera_id: str) -> CameraAlertState:

@@ -33,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 from tqdm import tqdm
 
 from fallwatch.demo import DemoConfig, prepare
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import FinalVerdict, decode
+from fallwatch.streams import job_queue
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env, fallwatch_argv
 
 KEYS = Keys()
@@ -275,7 +274,7 @@ def _left_over(client: redis.Redis) -> dict[str, int]:
             "frames_stream": int(client.xlen(KEYS.frames_stream())),
             "verdicts_stream": int(client.xlen(KEYS.verdicts_stream())),
             "final_stream": int(client.xlen(KEYS.final_stream())),
-            "cloud_queue": Queue(KEYS.cloud_queue(), connection=client, serializer=JSONSerializer).count}
+            "cloud_queue": job_queue(client, KEYS.cloud_queue()).count}
 
 
 def markdown(r: dict) -> str:

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
-from fallwatch.schemas import CloudVerdict, DeadLetter, ItemKind, OffloadRequest, encode
+from fallwatch.schemas import CloudVerdict, ItemKind, OffloadRequest, encode
 from fallwatch.settings import Settings
+from fallwatch.streams import write_dead_letter
 
 log = structlog.get_logger(__name__)
 
@@ -133,10 +134,8 @@ def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:
 
 
 def _dead_letter(rt: CloudRuntime, exc: PoisonInput, job_id: str = "") -> None:
-    letter = DeadLetter(source=rt.keys.cloud_queue(rt.settings.cloud.queue), entry_id=job_id, reason=exc.reason,
-                        error=str(exc)[:4000], worker=rt.name)
-    rt.client.xadd(rt.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
-    log.warning("job_dead_lettered", reason=exc.reason, error=str(exc))
+    write_dead_letter(rt.client, rt.keys.dead_letter_stream(), rt.keys.cloud_queue(rt.settings.cloud.queue), job_id,
+                      exc.reason, str(exc), rt.name)
 
 
 def on_offload_failure(job: Any, connection: redis.Redis, exc_type: type, exc_value: BaseException, tb: Any) -> None:

@@ -28,7 +28,8 @@ from cloud_worker.jobs import CloudRuntime, _dead_letter, install, on_offload_fa
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
 from fallwatch.runtime import Heartbeat
-from fallwatch.settings import Settings
+from fallwatch.settings import RedisSettings, Settings
+from fallwatch.streams import Backoff, job_queue
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +67,7 @@ class CloudWorker(SimpleWorker):
 def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
-    queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+    queue = job_queue(client, keys.cloud_queue(settings.cloud.queue))
     worker = CloudWorker([queue], connection=client, serializer=JSONSerializer, name=name)
     worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
     worker.max_connection_wait_time = settings.redis.retry_cap_s  # RQ's own reconnect backoff (60 s by default)
@@ -137,24 +138,24 @@ def work_one(worker: CloudWorker) -> Outcome:
     return Outcome.RAN
 
 
-def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_cap_s: float = 5.0) -> int:
+def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: RedisSettings | None = None) -> int:
     """Work jobs until ``stop`` is set (or, with ``burst``, until the queue is empty). Returns jobs done."""
     done = 0
     if threading.current_thread() is not threading.main_thread():
         worker.death_penalty_class = TimerDeathPenalty  # SIGALRM timeouts only work on the main thread
     worker.bootstrap(logging_level="WARNING")
     log.info("cloud_worker_started", worker=worker.name, queues=worker.queue_names())
-    backoff = 0.1
+    backoff = Backoff.redis(retry or RedisSettings())
     worker.stop_event = stop
     try:
         while not stop.is_set():
             try:
                 outcome = work_one(worker)
-                backoff = 0.1
+                backoff.reset()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", worker=worker.name, error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, retry_cap_s)
+                delay = backoff.next()
+                log.warning("redis_unavailable", worker=worker.name, error=str(exc), retry_in_s=delay)
+                stop.wait(delay)
                 continue
             except StopRequested:
                 break

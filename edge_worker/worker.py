@@ -17,17 +17,18 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 import structlog
-from rq import Queue, Retry
+from rq import Retry
 from rq.callbacks import Callback
-from rq.serializers import JSONSerializer
 
 from edge_worker.decode import DecodedFrame, decode_entry
+from fallwatch.defaults import JOB_FAILURE_TTL_S, JOB_RESULT_TTL_S, JOB_TTL_MARGIN_S
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
 from fallwatch.metrics import EdgeMetrics
 from fallwatch.runtime import Heartbeat, worker_name
-from fallwatch.schemas import DeadLetter, EdgeVerdict, OffloadRequest, encode, to_dict
+from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode, to_dict
 from fallwatch.settings import Settings
+from fallwatch.streams import Backoff, ensure_group, job_queue, text, write_dead_letter
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,7 @@ class EdgeWorker:
         self.model = model
         self.switcher = switcher
         self.name = name or worker_name("edge")
-        self.queue = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+        self.queue = job_queue(client, keys.cloud_queue(settings.cloud.queue))
         self._last_claim = 0.0
         self.metrics = metrics or EdgeMetrics.create()
         self.beat = Heartbeat(client, keys, "edge", self.name, settings.metrics)
@@ -81,11 +82,7 @@ class EdgeWorker:
 
     # --- set-up ------------------------------------------------------------------------
     def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.keys.frames_stream(), self.keys.edge_group(), id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.client, self.keys.frames_stream(), self.keys.edge_group())
 
     def threshold_for(self, camera_id: str) -> float | None:
         if camera_id in self._thresholds:
@@ -100,7 +97,7 @@ class EdgeWorker:
         block = self.cfg.block_ms if block_ms is None else block_ms
         resp = self.client.xreadgroup(self.keys.edge_group(), self.name, {self.keys.frames_stream(): ">"},
                                       count=self.cfg.batch_size, block=block or None)
-        return [(_s(eid), fields) for _stream, entries in (resp or []) for eid, fields in entries]
+        return [(text(eid), fields) for _stream, entries in (resp or []) for eid, fields in entries]
 
     def claim(self) -> list[tuple[str, dict]]:
         """Entries left pending by dead consumers for longer than claim_idle_ms."""
@@ -113,7 +110,7 @@ class EdgeWorker:
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
             self.client.incrby(self.keys.counter("frames_trimmed_pending"), len(deleted))
-        return [(_s(eid), fields) for eid, fields in entries if fields]
+        return [(text(eid), fields) for eid, fields in entries if fields]
 
     def _trimmed_own_pending(self) -> list[bytes]:
         """Ids pending for this consumer whose entries are gone. Redis 6.2's XAUTOCLAIM hands them over
@@ -161,11 +158,9 @@ class EdgeWorker:
         return frames
 
     def dead_letter(self, entry_id: str, reason: str, error: str) -> None:
-        letter = DeadLetter(source=self.keys.frames_stream(), entry_id=entry_id, reason=reason, error=error,
-                            worker=self.name)
-        self.client.xadd(self.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
+        write_dead_letter(self.client, self.keys.dead_letter_stream(), self.keys.frames_stream(), entry_id, reason,
+                          error, self.name)
         self.metrics.dead_letter(reason)
-        log.warning("frame_dead_lettered", entry_id=entry_id, reason=reason, error=error)
 
     def _score_and_publish(self, frames: list[DecodedFrame], result: StepResult) -> None:
         scores = self.model.score([f.image for f in frames])
@@ -228,8 +223,8 @@ class EdgeWorker:
             retry = Retry(max=self.settings.cloud.retries) if self.settings.cloud.retries else None
             self.queue.enqueue(
                 OFFLOAD_JOB, chunk, job_timeout=self.settings.cloud.job_timeout_s, retry=retry,
-                on_failure=Callback(OFFLOAD_FAILED), result_ttl=300, failure_ttl=86400,
-                ttl=int(self.settings.alerts.cloud_timeout_s) + 60,
+                on_failure=Callback(OFFLOAD_FAILED), result_ttl=JOB_RESULT_TTL_S,
+                failure_ttl=JOB_FAILURE_TTL_S, ttl=int(self.settings.alerts.cloud_timeout_s) + JOB_TTL_MARGIN_S,
             )
 
     # --- liveness ----------------------------------------------------------------------
@@ -243,15 +238,15 @@ class EdgeWorker:
         self.heartbeat(force=True)
         log.info("edge_worker_started", worker=self.name, model=self.model.model_id,
                  switcher=self.switcher is not None, batch_size=self.cfg.batch_size)
-        backoff = self.settings.redis.retry_base_s
+        backoff = Backoff.redis(self.settings.redis)
         while not stop.is_set():
             try:
                 self.step()
-                backoff = self.settings.redis.retry_base_s
+                backoff.reset()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", worker=self.name, error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.settings.redis.retry_cap_s)
+                delay = backoff.next()
+                log.warning("redis_unavailable", worker=self.name, error=str(exc), retry_in_s=delay)
+                stop.wait(delay)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -261,7 +256,3 @@ class EdgeWorker:
         except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
             log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
         log.info("edge_worker_stopped", worker=self.name)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
-from rq import Queue, Worker
-from rq.serializers import JSONSerializer
+from rq import Worker
 
 from fallwatch.keys import Keys
 from fallwatch.schemas import AlertEvent, SchemaError, decode
 from fallwatch.settings import IngestSettings, Settings
+from fallwatch.streams import job_queue, text
 
 DEFAULT_EVENTS = 10
 
@@ -117,15 +117,9 @@ class StatusSnapshot(Record):
 # --- gathering -----------------------------------------------------------------------------------
 
 
-def _s(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _float(value: bytes | str | None) -> float | None:
     try:
-        return float(_s(value)) if _s(value) else None
+        return float(text(value)) if text(value) else None
     except ValueError:
         return None
 
@@ -146,7 +140,7 @@ def camera_ids(client: redis.Redis, keys: Keys, settings: Settings) -> list[str]
     """Configured cameras first, then any other camera ingest has reported on."""
     ids = [c.id for c in settings.cameras]
     pattern = keys.camera_info("*")
-    seen = sorted(_between(_s(k), pattern) for k in client.scan_iter(match=pattern, count=1000))
+    seen = sorted(_between(text(k), pattern) for k in client.scan_iter(match=pattern, count=1000))
     return ids + [cid for cid in seen if cid not in ids]
 
 
@@ -156,7 +150,7 @@ def _stale_after_s(ing: IngestSettings) -> float:
 
 
 def camera_row(client: redis.Redis, keys: Keys, settings: Settings, camera_id: str, now: float) -> CameraRow:
-    info = {_s(k): _s(v) for k, v in client.hgetall(keys.camera_info(camera_id)).items()}
+    info = {text(k): text(v) for k, v in client.hgetall(keys.camera_info(camera_id)).items()}
     configured = {c.id: c for c in settings.cameras}
     cam = configured.get(camera_id)
     last = _float(info.get("last_frame_at"))
@@ -184,7 +178,7 @@ def stream_names(keys: Keys) -> dict[str, str]:
 def _group_lag(group: dict[Any, Any], last_generated: str) -> int | None:
     if "lag" in group:
         return None if group["lag"] is None else int(group["lag"])
-    return 0 if _s(group.get("last-delivered-id")) == last_generated else None
+    return 0 if text(group.get("last-delivered-id")) == last_generated else None
 
 
 def stream_row(client: redis.Redis, name: str, key: str) -> StreamRow:
@@ -192,17 +186,17 @@ def stream_row(client: redis.Redis, name: str, key: str) -> StreamRow:
         info = client.xinfo_stream(key)
     except redis.ResponseError:  # no such stream yet
         return StreamRow(name=name, key=key, length=0, groups=[])
-    last_generated = _s(info.get("last-generated-id"))
+    last_generated = text(info.get("last-generated-id"))
     groups = [
-        GroupRow(name=_s(g["name"]), consumers=int(g["consumers"]), pending=int(g["pending"]),
-                 lag=_group_lag(g, last_generated), last_delivered_id=_s(g.get("last-delivered-id")))
+        GroupRow(name=text(g["name"]), consumers=int(g["consumers"]), pending=int(g["pending"]),
+                 lag=_group_lag(g, last_generated), last_delivered_id=text(g.get("last-delivered-id")))
         for g in client.xinfo_groups(key)
     ]
     return StreamRow(name=name, key=key, length=int(info["length"]), groups=groups)
 
 
 def queue_row(client: redis.Redis, keys: Keys, settings: Settings) -> QueueRow:
-    q = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+    q = job_queue(client, keys.cloud_queue(settings.cloud.queue))
     return QueueRow(
         name=q.name, depth=q.count, started=q.started_job_registry.get_job_count(cleanup=False),
         failed=q.failed_job_registry.get_job_count(cleanup=False), workers=Worker.count(connection=client, queue=q),
@@ -214,7 +208,7 @@ def worker_rows(client: redis.Redis, keys: Keys) -> list[WorkerRow]:
     head = pattern.split("*", 1)[0]
     rows = []
     for raw in sorted(client.scan_iter(match=pattern, count=1000)):
-        key = _s(raw)
+        key = text(raw)
         role, _, name = key[len(head):].partition(":")
         pipe = client.pipeline(transaction=False)
         pipe.get(key).pttl(key).get(keys.metrics_endpoint(role, name))
@@ -222,7 +216,7 @@ def worker_rows(client: redis.Redis, keys: Keys) -> list[WorkerRow]:
         if beat is None:  # expired between SCAN and GET
             continue
         rows.append(WorkerRow(role=role, name=name, last_beat_at=_float(beat),
-                              ttl_s=pttl / 1000 if pttl and pttl > 0 else None, metrics=_s(endpoint) or None))
+                              ttl_s=pttl / 1000 if pttl and pttl > 0 else None, metrics=text(endpoint) or None))
     return rows
 
 
@@ -232,10 +226,10 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
         try:
             ev, _ = decode(fields, expect=AlertEvent)
         except SchemaError as exc:
-            problems.append(f"alerts entry {_s(entry_id)}: {exc}")
+            problems.append(f"alerts entry {text(entry_id)}: {exc}")
             continue
         rows.append(EventRow(
-            entry_id=_s(entry_id), event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
+            entry_id=text(entry_id), event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
             camera_id=ev.camera_id, camera_name=ev.camera_name or ev.camera_id, at=ev.at,
             confidence=ev.confidence, decided_by=ev.decided_by.value if ev.decided_by else None,
             acknowledged=ev.acknowledged,
@@ -245,7 +239,7 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
 
 def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
     """Final-verdict counts from the alerts service's stats hash."""
-    raw = {_s(k): _s(v) for k, v in client.hgetall(keys.stats()).items()}
+    raw = {text(k): text(v) for k, v in client.hgetall(keys.stats()).items()}
 
     def count(name: str) -> int:
         try:

@@ -14,7 +14,8 @@ import structlog
 
 from fallwatch.keys import Keys
 from fallwatch.settings import CameraSettings, IngestSettings, Settings
-from ingest.pipeline import Backoff, run_pipeline
+from fallwatch.streams import Backoff
+from ingest.pipeline import run_pipeline
 from ingest.publisher import Publisher
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord, clean_error
 from ingest.sampling import FpsSampler, Pacer
@@ -48,7 +49,7 @@ def run_camera(settings: Settings, cam: CameraSettings, client: redis.Redis, key
         status.offline(clean_error(str(exc), url))
         return
     status.source = source.name
-    publisher = Publisher(client, keys, cam.id, ing, stop)
+    publisher = Publisher(client, keys, cam.id, ing, stop, retry=settings.redis)
     buffer = FrameBuffer(buffer_capacity(ing), BufferPolicy.DROP_OLDEST)
 
     def capture(buf: FrameBuffer, halt: threading.Event) -> None:

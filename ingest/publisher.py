@@ -23,7 +23,8 @@ import structlog
 from fallwatch.keys import Keys
 from fallwatch.metrics import IngestMetrics
 from fallwatch.schemas import FrameMessage, ItemKind, encode
-from fallwatch.settings import IngestSettings
+from fallwatch.settings import IngestSettings, RedisSettings
+from fallwatch.streams import Backoff, id_tuple, text
 from ingest.jpeg import encode_jpeg
 from ingest.records import FrameRecord, SeqAllocator
 from ingest.sampling import ClipAssembler, MotionGate
@@ -49,12 +50,6 @@ def clip_label(parts: list[FrameRecord]) -> bool | None:
     """Ground truth of an item: fall if any frame is, unknown if no frame is labelled."""
     labels = [p.gt_fall for p in parts if p.gt_fall is not None]
     return any(labels) if labels else None
-
-
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 # KEYS: frames stream, total trimmed-unread counter. ARGV: maxlen, chunk, most entries trimmed per
@@ -111,7 +106,8 @@ class Publisher:
 
     def __init__(self, client: redis.Redis, keys: Keys, camera_id: str, ing: IngestSettings,
                  stop: threading.Event, *, clips: bool | None = None, gating: bool | None = None,
-                 max_pending: int | None = None, metrics: IngestMetrics | None = None):
+                 max_pending: int | None = None, metrics: IngestMetrics | None = None,
+                 retry: RedisSettings | None = None):
         self.client = client
         self.metrics = metrics or IngestMetrics.create()
         self.keys = keys
@@ -128,6 +124,7 @@ class Publisher:
         self._recent: deque[tuple[int, int]] = deque(maxlen=(max_pending or 0) + 1)
         self._unsaved = PublishStats()  # counter deltas not yet written
         self._moved = False
+        self.retry = retry or RedisSettings()  # backoff through Redis outages
 
     def handle(self, rec: FrameRecord, dropped: int = 0) -> bool:
         """Feed one sampled frame; True when it completed an item that was published."""
@@ -161,7 +158,7 @@ class Publisher:
         """Encode and XADD one item, retrying through Redis outages until done or stopped."""
         msg, images = self.build(parts)
         fields = encode(msg, images)
-        delay = 0.1
+        backoff = Backoff.redis(self.retry)
         while not self.stop.is_set():
             try:
                 if self.max_pending is not None:
@@ -169,9 +166,9 @@ class Publisher:
                 self._write(msg, fields)
                 return True
             except redis.RedisError as exc:
+                delay = backoff.next()
                 log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc), retry_s=delay)
                 self.stop.wait(delay)
-                delay = min(delay * 2, self.ing.reconnect_cap_s)
         return False
 
     def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
@@ -197,9 +194,9 @@ class Publisher:
         self.stats.items += 1
         self.stats.frames += msg.n_images
         if self.max_pending is not None:
-            self._recent.append(_stream_id(entry_id))
+            self._recent.append(id_tuple(entry_id))
         if len(added) > 1:
-            self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(_text, added[1:])])
+            self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(text, added[1:])])
 
     def _count_trimmed(self, cameras: list[str]) -> None:
         """Per-camera counters of entries trimmed unread (the total is already counted, atomically)."""
@@ -228,12 +225,8 @@ class Publisher:
             groups = self.client.xinfo_groups(self.keys.frames_stream())
         except redis.ResponseError:  # no stream yet
             return None
-        group = next((g for g in groups if _text(g.get("name")) == self.keys.edge_group()), None)
+        group = next((g for g in groups if text(g.get("name")) == self.keys.edge_group()), None)
         if group is None:  # nobody consumes yet: nothing to wait for
             return None
-        last = _stream_id(group["last-delivered-id"])
+        last = id_tuple(group["last-delivered-id"])
         return sum(1 for entry in self._recent if entry > last)
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import redis
 import structlog
 
+from fallwatch.defaults import STATUS_STREAM_MAXLEN
 from fallwatch.keys import Keys
 from fallwatch.metrics import IngestMetrics
 from fallwatch.schemas import CameraState, CameraStatus, encode
+from fallwatch.streams import text
 
 log = structlog.get_logger(__name__)
-
-STATUS_STREAM_MAXLEN = 10_000
 
 
 class StatusReporter:
@@ -66,5 +66,5 @@ class StatusReporter:
 def read_info(client: redis.Redis, keys: Keys, camera_id: str) -> dict[str, str]:
     """The camera's info hash as text (empty when the camera was never seen)."""
     raw = client.hgetall(keys.camera_info(camera_id))
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
