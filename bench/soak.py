@@ -36,7 +36,7 @@ import redis
 from tqdm import tqdm
 
 from fallwatch.demo import DemoConfig, prepare
-from fallwatch.keys import Keys
+from fallwatch.keys import CameraCounter, Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import FinalVerdict, decode
 from fallwatch.streams import job_queue
@@ -156,11 +156,11 @@ class Sampler:
 
 
 def counters(client: redis.Redis, cameras: list[str]) -> dict[str, int]:
-    def total(kind: str) -> int:
-        return sum(int(client.get(KEYS.counter(f"ingest:{c}:{kind}")) or 0) for c in cameras)
+    def total(kind: CameraCounter) -> int:
+        return sum(int(client.get(KEYS.camera_counter(c, kind)) or 0) for c in cameras)
 
     return {"frames_in": total("items"), "trimmed": total("trimmed"), "dropped": total("dropped"),
-            "trimmed_pending": int(client.get(KEYS.counter("frames_trimmed_pending")) or 0)}
+            "trimmed_pending": int(client.get(KEYS.frames_trimmed_pending()) or 0)}
 
 
 def final_verdicts(client: redis.Redis) -> list[FinalVerdict]:

@@ -109,7 +109,7 @@ class EdgeWorker:
             deleted += self._trimmed_own_pending()
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
-            self.client.incrby(self.keys.counter("frames_trimmed_pending"), len(deleted))
+            self.client.incrby(self.keys.frames_trimmed_pending(), len(deleted))
         return [(text(eid), fields) for eid, fields in entries if fields]
 
     def _trimmed_own_pending(self) -> list[bytes]:

@@ -138,8 +138,9 @@ def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
 def _heartbeat_health(role: str):
     def checker(settings, handle: RedisHandle) -> dict[str, object]:
         check(handle.client, settings.redis.min_server_version)
-        pattern = Keys(settings.redis.key_prefix).heartbeat_pattern(role)
-        alive = sorted(k.decode().rsplit(":", 1)[-1] for k in handle.client.scan_iter(match=pattern, count=1000))
+        keys = Keys(settings.redis.key_prefix)
+        pattern = keys.heartbeat_pattern(role)
+        alive = sorted(keys.heartbeat_of(k)[1] for k in handle.client.scan_iter(match=pattern, count=1000))
         if not alive:
             raise RedisUnavailable(f"no live {role} worker (no heartbeat under {pattern})")
         return {"workers": alive}

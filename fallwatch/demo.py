@@ -160,7 +160,7 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
 
 
 def _ingested(client: redis.Redis, keys: Keys, camera: str) -> int:
-    return int(client.get(keys.counter(f"ingest:{camera}:items")) or 0)
+    return int(client.get(keys.camera_counter(camera, "items")) or 0)
 
 
 def _wait_for_workers(client: redis.Redis, keys: Keys, roles: tuple[str, ...], deadline: float) -> None:

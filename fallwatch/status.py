@@ -124,12 +124,6 @@ def _float(value: bytes | str | None) -> float | None:
         return None
 
 
-def _between(key: str, pattern: str) -> str:
-    """The part of ``key`` matched by the single ``*`` of ``pattern``."""
-    head, _, tail = pattern.partition("*")
-    return key[len(head):len(key) - len(tail)] if tail else key[len(head):]
-
-
 def redis_info(client: redis.Redis) -> RedisInfo:
     server, memory, clients = client.info("server"), client.info("memory"), client.info("clients")
     return RedisInfo(version=str(server.get("redis_version", "?")), used_memory_bytes=int(memory.get("used_memory", 0)),
@@ -139,8 +133,7 @@ def redis_info(client: redis.Redis) -> RedisInfo:
 def camera_ids(client: redis.Redis, keys: Keys, settings: Settings) -> list[str]:
     """Configured cameras first, then any other camera ingest has reported on."""
     ids = [c.id for c in settings.cameras]
-    pattern = keys.camera_info("*")
-    seen = sorted(_between(text(k), pattern) for k in client.scan_iter(match=pattern, count=1000))
+    seen = sorted(keys.camera_of_info(k) for k in client.scan_iter(match=keys.camera_info("*"), count=1000))
     return ids + [cid for cid in seen if cid not in ids]
 
 
@@ -204,12 +197,10 @@ def queue_row(client: redis.Redis, keys: Keys, settings: Settings) -> QueueRow:
 
 
 def worker_rows(client: redis.Redis, keys: Keys) -> list[WorkerRow]:
-    pattern = keys.heartbeat_pattern()
-    head = pattern.split("*", 1)[0]
     rows = []
-    for raw in sorted(client.scan_iter(match=pattern, count=1000)):
+    for raw in sorted(client.scan_iter(match=keys.heartbeat_pattern(), count=1000)):
         key = text(raw)
-        role, _, name = key[len(head):].partition(":")
+        role, name = keys.heartbeat_of(key)
         pipe = client.pipeline(transaction=False)
         pipe.get(key).pttl(key).get(keys.metrics_endpoint(role, name))
         beat, pttl, endpoint = pipe.execute()

@@ -41,11 +41,6 @@ class PublishStats:
     trimmed: int = 0  # items trimmed from the stream by MAXLEN before the edge group read them
 
 
-def counter_names(camera_id: str) -> dict[str, str]:
-    """Counter names (for ``Keys.counter``) of one camera, by PublishStats field."""
-    return {f: f"ingest:{camera_id}:{f}" for f in ("items", "frames", "gated", "dropped", "trimmed")}
-
-
 def clip_label(parts: list[FrameRecord]) -> bool | None:
     """Ground truth of an item: fall if any frame is, unknown if no frame is labelled."""
     labels = [p.gt_fall for p in parts if p.gt_fall is not None]
@@ -115,7 +110,7 @@ class Publisher:
         self.ing = ing
         self.stop = stop
         self.stats = PublishStats()
-        self.seq = SeqAllocator(client, keys.counter(f"ingest:{camera_id}:seq"))
+        self.seq = SeqAllocator(client, keys.camera_counter(camera_id, "seq"))
         use_clips = ing.clip.enabled if clips is None else clips
         use_gate = ing.motion_gating if gating is None else gating
         self.clips = ClipAssembler(ing.clip.frames, ing.clip.stride) if use_clips else None
@@ -172,17 +167,17 @@ class Publisher:
         return False
 
     def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
-        names = counter_names(self.camera_id)
+        cam = self.camera_id
         pipe = self.client.pipeline(transaction=False)
         maxlen = self.ing.stream_maxlen
-        pipe.eval(ADD_AND_TRIM, 2, self.keys.frames_stream(), self.keys.counter("frames_trimmed_unread"),
+        pipe.eval(ADD_AND_TRIM, 2, self.keys.frames_stream(), self.keys.frames_trimmed_unread(),
                   maxlen, max(1, maxlen // 20), TRIM_LIMIT, self.keys.edge_group(),
                   *(x for pair in fields.items() for x in pair))
-        pipe.incrby(self.keys.counter(names["items"]), 1)
-        pipe.incrby(self.keys.counter(names["frames"]), msg.n_images)
+        pipe.incrby(self.keys.camera_counter(cam, "items"), 1)
+        pipe.incrby(self.keys.camera_counter(cam, "frames"), msg.n_images)
         for field in ("gated", "dropped"):
             if getattr(self._unsaved, field):
-                pipe.incrby(self.keys.counter(names[field]), getattr(self._unsaved, field))
+                pipe.incrby(self.keys.camera_counter(cam, field), getattr(self._unsaved, field))
         pipe.hset(self.keys.camera_info(self.camera_id),
                   mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
         added = pipe.execute()[0]
@@ -207,7 +202,7 @@ class Publisher:
         try:
             pipe = self.client.pipeline(transaction=False)
             for camera, n in counts.items():
-                pipe.incrby(self.keys.counter(counter_names(camera)["trimmed"]), n)
+                pipe.incrby(self.keys.camera_counter(camera, "trimmed"), n)
             pipe.execute()
         except redis.RedisError as exc:  # never retry the write for this: the frame is already added
             log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc))

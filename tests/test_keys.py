@@ -1,3 +1,5 @@
+import pytest
+
 from fallwatch.keys import Keys
 
 
@@ -29,3 +31,22 @@ def test_key_formats_are_pinned() -> None:
 
 def test_default_prefix() -> None:
     assert Keys().frames_stream() == "fallwatch:stream:frames"
+
+
+def test_typed_counters_keep_the_counter_formats() -> None:
+    k = Keys("fw")
+    assert k.camera_counter("cam1", "items") == "fw:count:ingest:cam1:items"
+    assert k.camera_counter("cam1", "seq") == "fw:count:ingest:cam1:seq"
+    assert k.frames_trimmed_unread() == "fw:count:frames_trimmed_unread"
+    assert k.frames_trimmed_pending() == "fw:count:frames_trimmed_pending"
+
+
+def test_keys_parse_back_into_their_parts() -> None:
+    k = Keys("fw")
+    assert k.heartbeat_of(k.heartbeat("edge", "host-1:7").encode()) == ("edge", "host-1:7")
+    assert k.camera_of_info(k.camera_info("hall")) == "hall"
+    assert k.parse(k.heartbeat("cloud", "gpu-0"), k.heartbeat_pattern("cloud")) == ("gpu-0",)
+    with pytest.raises(ValueError, match="does not match"):
+        k.camera_of_info("fw:camera:hall:state")
+    with pytest.raises(ValueError, match="does not match"):
+        k.heartbeat_of("other:heartbeat:edge:x")
