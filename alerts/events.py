@@ -31,47 +31,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
-
-from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FinalVerdict, new_id
+from fallwatch.schemas import (CameraAlertState, CameraState, CameraStatus, Decider, EventKind, EventType, FinalVerdict,
+                               Observation, new_id)
 from fallwatch.settings import AlertsSettings
 
 HISTORY_MAX = 256
 EVENT_FRAMES_MAX = 100
-
-
-class Observation(BaseModel):
-    """One final verdict as the state machine remembers it."""
-
-    model_config = ConfigDict(frozen=True)
-    frame_id: str
-    at: float
-    fall: bool
-    p: float
-    by: Decider
-
-    @classmethod
-    def of(cls, v: FinalVerdict) -> "Observation":
-        return cls(frame_id=v.frame_id, at=v.captured_at, fall=v.is_fall, p=v.p_fall, by=v.decided_by)
-
-    @property
-    def order(self) -> tuple[float, str]:
-        return (self.at, self.frame_id)
-
-
-class CameraAlertState(BaseModel):
-    """Everything the state machine keeps for one camera (stored in ``keys.camera_state``)."""
-
-    model_config = ConfigDict(frozen=True)
-    history: tuple[Observation, ...] = ()
-    fall_event: str | None = None
-    last_fall_at: float = 0.0
-    cooldown_until: float = 0.0
-    offline_event: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.fall_event is not None or self.offline_event is not None
 
 
 @dataclass(frozen=True)

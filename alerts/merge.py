@@ -30,10 +30,10 @@ import structlog
 
 from alerts.stats import final_increments
 from fallwatch.defaults import FINAL_MAXLEN, PENDING_TTL_S
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.schemas import CloudVerdict, Decider, EdgeVerdict, FinalVerdict, encode
 from fallwatch.settings import AlertsSettings
-from fallwatch.streams import text, write_dead_letter
+from fallwatch.streams import write_dead_letter
 
 log = structlog.get_logger(__name__)
 

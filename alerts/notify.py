@@ -36,19 +36,18 @@ from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import SecretStr
 
-from fallwatch.streams import Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, text
+from fallwatch.streams import Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
 from fallwatch.defaults import DELIVERED_TTL_S
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
-from fallwatch.schemas import AlertEvent, Decider, EventKind, SchemaError, now
+from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
 from fallwatch.settings import NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
 
-OUTBOX_FIELD = b"d"
 
 DECIDER_TEXT = {
     Decider.EDGE: "edge model (ViLT)",
@@ -56,32 +55,6 @@ DECIDER_TEXT = {
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
 }
-
-
-class Delivery(BaseModel):
-    """One notification owed on one channel (an outbox entry)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    event_id: str = Field(..., min_length=1)
-    channel: str = Field(..., min_length=1)
-    camera_id: str = Field(..., min_length=1)
-    kind: EventKind
-    title: str
-    body: str
-    frame_id: str | None = None
-    created_at: float = Field(default_factory=now)
-
-    def to_fields(self) -> dict[bytes, bytes]:
-        return {OUTBOX_FIELD: self.model_dump_json().encode()}
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> "Delivery":
-        try:
-            return cls.model_validate_json(fields[OUTBOX_FIELD])
-        except KeyError:
-            raise SchemaError("outbox entry has no 'd' field") from None
-        except ValidationError as exc:
-            raise SchemaError(f"invalid outbox entry: {exc.error_count()} errors: {exc.errors()[0]['msg']}") from None
 
 
 # --- channels and their names --------------------------------------------------------------
@@ -390,7 +363,7 @@ class Notifier:
             ack(self.client, self.group, entry)
             return "skipped"
         try:
-            note = Delivery.from_fields(entry.fields)
+            note, _ = decode(entry.fields, expect=Delivery)
         except SchemaError as exc:
             return self._dead(entry, "schema_error", str(exc))
         channel = self.channels.get(note.channel)

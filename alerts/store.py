@@ -19,10 +19,10 @@ import structlog
 from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_status, on_tick
 from alerts.notify import deliveries_for
 from fallwatch.defaults import EVENT_TTL_S
-from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, CameraStatus, EventType, FinalVerdict, encode
+from fallwatch.keys import Keys, text
+from fallwatch.schemas import AlertEvent, CameraStatus, EventRecord, EventType, FinalVerdict, encode
 from fallwatch.settings import Settings
-from fallwatch.streams import text
+
 
 log = structlog.get_logger(__name__)
 
@@ -38,24 +38,15 @@ def camera_name(settings: Settings, camera_id: str) -> str:
         return camera_id
 
 
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
-
-
 def load_event(client: Any, keys: Keys, event_id: str) -> AlertEvent | None:
-    raw = client.hget(keys.event(event_id), "m")
-    return AlertEvent.from_json(raw) if raw is not None else None
+    raw = client.hgetall(keys.event(event_id))
+    return EventRecord.from_hash(raw).event() if raw else None
 
 
 def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: int) -> None:
     """Queue the event's record, its alerts-stream entry and its publication on ``pipe``."""
     key = keys.event(event.event_id)
-    pipe.hset(key, mapping={
-        "m": event.to_json(), "type": event.type.value, "kind": event.kind.value,
-        "camera_id": event.camera_id, "started_at": repr(event.started_at), "at": repr(event.at),
-        "acknowledged": _flag(event.acknowledged), "acknowledged_by": event.acknowledged_by or "",
-        "active": _flag(active),
-    })
+    pipe.hset(key, mapping=EventRecord.of(event, active).to_hash())
     pipe.expire(key, EVENT_TTL_S)
     pipe.xadd(keys.alerts_stream(), encode(event), maxlen=maxlen, approximate=True)
     pipe.publish(keys.alerts_channel(), event.to_json())
@@ -110,7 +101,7 @@ class EventStore:
         return self._load_state(self.client, camera_id)
 
     def _load_state(self, client: Any, camera_id: str) -> CameraAlertState:
-        raw = client.hget(self.keys.camera_state(camera_id), "state")
+        raw = client.hget(self.keys.camera_state(camera_id), "state")  # JSON: the model has nested history
         return CameraAlertState.model_validate_json(raw) if raw is not None else CameraAlertState()
 
     def transact(self, camera_id: str, fn: Callable[[CameraAlertState], Transition]) -> list[AlertEvent]:
@@ -154,7 +145,7 @@ class EventStore:
             write_event(pipe, self.keys, ev, active=ev.type is not EventType.END, maxlen=self.cfg.stream_maxlen)
             if ev.type is EventType.START:
                 for delivery in deliveries_for(ev, self.settings):
-                    pipe.xadd(self.keys.notify_outbox_stream(), delivery.to_fields())
+                    pipe.xadd(self.keys.notify_outbox_stream(), encode(delivery))
         if state.active:
             pipe.sadd(self.keys.alert_cameras(), camera_id)
         else:

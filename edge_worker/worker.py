@@ -23,12 +23,12 @@ from rq.callbacks import Callback
 from edge_worker.decode import DecodedFrame, decode_entry
 from fallwatch.defaults import JOB_FAILURE_TTL_S, JOB_RESULT_TTL_S, JOB_TTL_MARGIN_S
 from fallwatch.images import PoisonInput
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import EdgeMetrics
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode, to_dict
 from fallwatch.settings import Settings
-from fallwatch.streams import Backoff, ensure_group, job_queue, text, write_dead_letter
+from fallwatch.streams import Backoff, ensure_group, job_queue, write_dead_letter
 
 log = structlog.get_logger(__name__)
 

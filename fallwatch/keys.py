@@ -10,6 +10,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+def text(value: object) -> str:
+    """A Redis reply value (a key, field or member) as str: bytes decoded (bad UTF-8 replaced), None as ""."""
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 CameraCounter = Literal["items", "frames", "gated", "dropped", "trimmed", "seq"]
 """Per-camera ingest counters: stream entries, images in them, still frames skipped, frames dropped
 by a full live buffer, entries trimmed unread by MAXLEN; ``seq`` allocates frame numbers."""
@@ -158,7 +165,7 @@ class Keys:
         Every ``*`` but the last matches one colon-free part; the last matches the rest.
         ValueError when ``key`` does not fit the pattern.
         """
-        name = key.decode(errors="replace") if isinstance(key, bytes) else key
+        name = text(key)
         parts = [re.escape(p) for p in pattern.split("*")]
         wild = ["([^:]+)"] * (len(parts) - 2) + ["(.+)"]
         found = re.fullmatch(parts[0] + "".join(w + p for w, p in zip(wild, parts[1:])), name)

@@ -18,10 +18,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 from rq import Worker
 
-from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, SchemaError, decode
+from fallwatch.keys import Keys, text
+from fallwatch.schemas import AlertEvent, CameraInfo, SchemaError, StatsCounts, decode
 from fallwatch.settings import IngestSettings, Settings
-from fallwatch.streams import job_queue, text
+from fallwatch.streams import job_queue
 
 DEFAULT_EVENTS = 10
 
@@ -143,19 +143,21 @@ def _stale_after_s(ing: IngestSettings) -> float:
 
 
 def camera_row(client: redis.Redis, keys: Keys, settings: Settings, camera_id: str, now: float) -> CameraRow:
-    info = {text(k): text(v) for k, v in client.hgetall(keys.camera_info(camera_id)).items()}
+    try:
+        info = CameraInfo.from_hash(client.hgetall(keys.camera_info(camera_id)))
+    except SchemaError:  # written by another version: shown as unknown
+        info = CameraInfo()
     configured = {c.id: c for c in settings.cameras}
     cam = configured.get(camera_id)
-    last = _float(info.get("last_frame_at"))
+    last = info.last_frame_at
     age = max(0.0, now - last) if last is not None else None
-    state = info.get("state") or "unknown"
+    state = info.state.value if info.state else "unknown"
     ing = settings.effective_ingest(cam) if cam else settings.ingest
     stale = state == "online" and (age is None or age > _stale_after_s(ing))
     return CameraRow(
-        id=camera_id, name=info.get("name") or (cam.display_name if cam else camera_id), configured=cam is not None,
-        state=state, online=state == "online" and not stale, stale=stale, fps=_float(info.get("fps")),
-        sample_fps=_float(info.get("sample_fps")), last_frame_at=last, last_frame_age_s=age,
-        reason=info.get("reason", ""),
+        id=camera_id, name=info.name or (cam.display_name if cam else camera_id), configured=cam is not None,
+        state=state, online=state == "online" and not stale, stale=stale, fps=info.fps,
+        sample_fps=info.sample_fps, last_frame_at=last, last_frame_age_s=age, reason=info.reason,
     )
 
 
@@ -230,16 +232,9 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
 
 def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
     """Final-verdict counts from the alerts service's stats hash."""
-    raw = {text(k): text(v) for k, v in client.hgetall(keys.stats()).items()}
-
-    def count(name: str) -> int:
-        try:
-            return int(float(raw.get(name, 0)))
-        except ValueError:
-            return 0
-
-    finals, offloaded = count("finals"), count("offloaded")
-    by = {k.partition(":")[2]: count(k) for k in sorted(raw) if k.startswith("by:")}
+    counts = StatsCounts.from_hash(client.hgetall(keys.stats()))
+    finals, offloaded = counts.finals, counts.offloaded
+    by = dict(sorted(counts.by_decider.items()))
     return ScoringRow(finals=finals, offloaded=offloaded, offload_rate=offloaded / finals if finals else None,
                       by_decider=by)
 

@@ -16,17 +16,11 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from fallwatch.defaults import DEAD_LETTER_MAXLEN
+from fallwatch.keys import text
 from fallwatch.schemas import DeadLetter, encode
 from fallwatch.settings import RedisSettings
 
 log = structlog.get_logger(__name__)
-
-
-def text(value: Any) -> str:
-    """A Redis reply value as str: bytes decoded (bad UTF-8 replaced), None as ""."""
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class Backoff:

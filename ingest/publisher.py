@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import IngestMetrics
-from fallwatch.schemas import FrameMessage, ItemKind, encode
+from fallwatch.schemas import CameraInfo, FrameMessage, ItemKind, encode
 from fallwatch.settings import IngestSettings, RedisSettings
-from fallwatch.streams import Backoff, id_tuple, text
+from fallwatch.streams import Backoff, id_tuple
 from ingest.jpeg import encode_jpeg
 from ingest.records import FrameRecord, SeqAllocator
 from ingest.sampling import ClipAssembler, MotionGate
@@ -179,7 +179,7 @@ class Publisher:
             if getattr(self._unsaved, field):
                 pipe.incrby(self.keys.camera_counter(cam, field), getattr(self._unsaved, field))
         pipe.hset(self.keys.camera_info(self.camera_id),
-                  mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
+                  mapping=CameraInfo(last_frame_at=msg.captured_at, last_frame_id=msg.frame_id).to_hash())
         added = pipe.execute()[0]
         entry_id = added[0]
         self.metrics.ingested(self.camera_id, msg.n_images)
