@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
@@ -44,14 +44,15 @@ from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
 from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
-from fallwatch.settings import NotificationSettings, Settings
+from fallwatch.settings import CloudSettings, EdgeSettings, NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
 
 
+# {edge} and {cloud}: the configured models' names (``edge.model``, ``cloud.model``).
 DECIDER_TEXT = {
-    Decider.EDGE: "edge model (ViLT)",
-    Decider.CLOUD: "cloud model (LLaVA-NeXT-Video)",
+    Decider.EDGE: "edge model ({edge})",
+    Decider.CLOUD: "cloud model ({cloud})",
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
 }
@@ -83,14 +84,22 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def compose(event: AlertEvent) -> tuple[str, str]:
-    """Title and body of the notification of an event's start."""
+def model_names(settings: Settings | None) -> dict[str, str]:
+    """Short names of the edge and cloud models (the last part of the hub id or path)."""
+    edge = settings.edge.model if settings else EdgeSettings.model_fields["model"].default
+    cloud = settings.cloud.model if settings else CloudSettings.model_fields["model"].default
+    return {"edge": PurePath(edge).name or edge, "cloud": PurePath(cloud).name or cloud}
+
+
+def compose(event: AlertEvent, settings: Settings | None = None) -> tuple[str, str]:
+    """Title and body of the notification of an event's start (models named as ``settings`` has them)."""
     name = event.camera_name or event.camera_id
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
     conf = f"{100 * event.confidence:.0f}%" if event.confidence is not None else "unknown"
     by = DECIDER_TEXT.get(event.decided_by, "unknown model") if event.decided_by else "unknown model"
+    by = by.format(**model_names(settings))
     body = (f"Possible fall on camera {name} at {_when(event.started_at)}. "
             f"Confidence {conf}, decided by the {by}. Event {event.event_id}.")
     return f"Fall detected: {name}", body
@@ -98,7 +107,7 @@ def compose(event: AlertEvent) -> tuple[str, str]:
 
 def deliveries_for(event: AlertEvent, settings: Settings) -> list[Delivery]:
     """The outbox entries owed for an event's start, one per channel."""
-    title, body = compose(event)
+    title, body = compose(event, settings)
     frame = event.frame_ids[-1] if event.frame_ids else None
     return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
                      title=title, body=body, frame_id=frame)

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import redis
 import structlog
-from pydantic import ValidationError
 
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
+from fallwatch.offload import parse_requests
 from fallwatch.schemas import CloudVerdict, ItemKind, OffloadRequest, encode
 from fallwatch.settings import Settings
 from fallwatch.streams import write_dead_letter
@@ -49,15 +49,6 @@ def runtime() -> CloudRuntime:
     if _runtime is None:
         raise RuntimeError("no cloud runtime in this process: run jobs with `fallwatch cloud`, which loads the model once")
     return _runtime
-
-
-def parse_requests(requests: Any) -> list[OffloadRequest]:
-    if not isinstance(requests, list) or not requests:
-        raise PoisonInput("bad_job", f"expected a non-empty list of offload requests, got {type(requests).__name__}")
-    try:
-        return [OffloadRequest.model_validate(r) for r in requests]
-    except ValidationError as exc:
-        raise PoisonInput("bad_job", f"invalid offload request: {exc.errors()[0]['msg']}") from None
 
 
 def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from cloud_worker.jobs import CloudRuntime, _dead_letter, install, on_offload_failure, runtime, score_offloads
+from cloud_worker.jobs import CloudRuntime, _dead_letter, install, runtime
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
+from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
 from fallwatch.runtime import Heartbeat
 from fallwatch.settings import RedisSettings, Settings
 from fallwatch.streams import Backoff, job_queue
@@ -34,13 +35,9 @@ from fallwatch.streams import Backoff, job_queue
 log = structlog.get_logger(__name__)
 
 
-def _dotted(func: Any) -> str:
-    return f"{func.__module__}.{func.__qualname__}"
-
-
-# The only function and callback a cloud worker runs (the edge enqueues them by these names).
-ALLOWED_JOBS = frozenset({_dotted(score_offloads)})
-ALLOWED_CALLBACKS = frozenset({_dotted(on_offload_failure)})
+# The only function and callback a cloud worker runs: the ones the offload contract names.
+ALLOWED_JOBS = frozenset({OFFLOAD_JOB})
+ALLOWED_CALLBACKS = frozenset({OFFLOAD_FAILED})
 
 
 class CloudWorker(SimpleWorker):

@@ -17,25 +17,18 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 import structlog
-from rq import Retry
-from rq.callbacks import Callback
 
 from edge_worker.decode import DecodedFrame, decode_entry
-from fallwatch.defaults import JOB_FAILURE_TTL_S, JOB_RESULT_TTL_S, JOB_TTL_MARGIN_S
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys, text
 from fallwatch.metrics import EdgeMetrics
+from fallwatch.offload import enqueue_offload
 from fallwatch.runtime import Heartbeat, worker_name
-from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode, to_dict
+from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode
 from fallwatch.settings import Settings
 from fallwatch.streams import Backoff, ensure_group, job_queue, write_dead_letter
 
 log = structlog.get_logger(__name__)
-
-# The cloud worker's job functions, named by string: the edge never imports cloud code.
-OFFLOAD_JOB = "cloud_worker.jobs.score_offloads"
-OFFLOAD_FAILED = "cloud_worker.jobs.on_offload_failure"
-
 
 class Scorer(Protocol):
     model_id: str
@@ -219,13 +212,7 @@ class EdgeWorker:
         """Micro-batched offload: one RQ job per cloud batch, JSON-serialised."""
         size = self.settings.cloud.batch_size
         for start in range(0, len(requests), size):
-            chunk = [to_dict(r) for r in requests[start:start + size]]
-            retry = Retry(max=self.settings.cloud.retries) if self.settings.cloud.retries else None
-            self.queue.enqueue(
-                OFFLOAD_JOB, chunk, job_timeout=self.settings.cloud.job_timeout_s, retry=retry,
-                on_failure=Callback(OFFLOAD_FAILED), result_ttl=JOB_RESULT_TTL_S,
-                failure_ttl=JOB_FAILURE_TTL_S, ttl=int(self.settings.alerts.cloud_timeout_s) + JOB_TTL_MARGIN_S,
-            )
+            enqueue_offload(self.queue, requests[start:start + size], self.settings)
 
     # --- liveness ----------------------------------------------------------------------
     def heartbeat(self, force: bool = False) -> None:

@@ -236,3 +236,14 @@ def test_apprise_channel_rejects_unknown_schemes() -> None:
 
     with pytest.raises(ValueError, match="does not accept"):
         AppriseChannel(SecretStr("nosuchscheme://token@host"))
+
+
+def test_message_texts_name_the_configured_models(settings) -> None:
+    fall = AlertEvent(type=EventType.START, kind=EventKind.FALL, camera_id="c", started_at=T0, confidence=0.9,
+                      decided_by=Decider.CLOUD)
+    assert "cloud model (LLaVA-NeXT-Video-7B-hf)" in compose(fall, settings)[1]
+    swapped = settings.model_copy(update={"cloud": settings.cloud.model_copy(update={"model": "/models/qwen-vl"}),
+                                          "edge": settings.edge.model_copy(update={"model": "org/siglip-fall"})})
+    assert "cloud model (qwen-vl)" in compose(fall, swapped)[1]
+    edge = fall.model_copy(update={"decided_by": Decider.EDGE})
+    assert "edge model (siglip-fall)" in compose(edge, swapped)[1]
