@@ -42,6 +42,7 @@ from fallwatch.streams import Backoff, Entry, ack, dead_letter, ensure_group, re
 from fallwatch.defaults import DELIVERED_TTL_S
 from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
+from fallwatch.registry import SchemeRegistry
 from fallwatch.logging import redact_text
 from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
 from fallwatch.settings import CloudSettings, EdgeSettings, NotificationSettings, Settings
@@ -259,6 +260,13 @@ class AppriseChannel(NotificationChannel):
         return bool(result)
 
 
+ChannelFactory = Callable[..., NotificationChannel]  # (url: SecretStr, *, timeout_s, cooldown_s)
+
+# URL scheme -> channel class; apprise takes every scheme no other class claims. A class takes
+# (url, *, timeout_s, cooldown_s) and names itself channel_id(url) (see docs/extending.md).
+CHANNELS: SchemeRegistry[ChannelFactory] = SchemeRegistry("notification channel", fallback=AppriseChannel)
+
+
 def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     """Every channel named in the settings (global and per-camera URLs), by name."""
     n: NotificationSettings = cfg.notifications
@@ -267,7 +275,7 @@ def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     for url in urls:
         name = channel_id(url.get_secret_value())
         if name not in channels:
-            channels[name] = AppriseChannel(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
+            channels[name] = CHANNELS.lookup(url.get_secret_value())(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
     return channels
 
 

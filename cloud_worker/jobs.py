@@ -8,8 +8,9 @@ The model stays resident: :class:`CloudRuntime` is installed once per process by
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
@@ -26,12 +27,27 @@ from fallwatch.streams import write_dead_letter
 log = structlog.get_logger(__name__)
 
 
+class CloudScores(Protocol):
+    """What a cloud scorer returns for a batch (``cloud_worker.model.CloudScores`` has these)."""
+
+    p_fall: Sequence[float] | np.ndarray  # one probability per item, in order
+    wall_s: float
+    energy_j: float | None  # energy of the batch where measured
+
+
+class CloudScorer(Protocol):
+    """A cloud model as the jobs use it: one batch of images (HxWx3) and clips (TxHxWx3) scored at once.
+    ``cloud_worker.model.CloudModel`` is one; docs/extending.md shows how to add another architecture."""
+
+    def score(self, items: Sequence[np.ndarray]) -> CloudScores: ...
+
+
 @dataclass
 class CloudRuntime:
     settings: Settings
     client: redis.Redis
     keys: Keys
-    model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
+    model: CloudScorer
     name: str
     metrics: CloudMetrics = field(default_factory=CloudMetrics.create)
 

@@ -24,7 +24,7 @@ from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from cloud_worker.jobs import CloudRuntime, _dead_letter, install, runtime
+from cloud_worker.jobs import CloudRuntime, CloudScorer, _dead_letter, install, runtime
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
 from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
@@ -61,7 +61,8 @@ class CloudWorker(SimpleWorker):
             raise
 
 
-def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
+def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: CloudScorer,
+                 name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
     queue = job_queue(client, keys.cloud_queue(settings.cloud.queue))
