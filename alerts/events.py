@@ -40,7 +40,7 @@ EVENT_FRAMES_MAX = 100
 
 
 @dataclass(frozen=True)
-class Step:
+class EventStep:
     """One lifecycle step to publish; ``alerts.store`` turns it into an AlertEvent."""
 
     type: EventType
@@ -53,7 +53,7 @@ class Step:
     description: str | None = None
 
 
-Transition = tuple[CameraAlertState, list[Step]]
+Transition = tuple[CameraAlertState, list[EventStep]]
 
 
 def _insert(history: tuple[Observation, ...], obs: Observation) -> tuple[tuple[Observation, ...], int]:
@@ -86,16 +86,16 @@ def _strongest(falls: tuple[Observation, ...]) -> Observation:
     return max(falls, key=lambda h: (h.p, h.at))
 
 
-def _start(falls: tuple[Observation, ...]) -> Step:
+def _start(falls: tuple[Observation, ...]) -> EventStep:
     top = _strongest(falls)
-    return Step(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
+    return EventStep(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
                 decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls))
 
 
 def _end(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
     assert state.fall_event is not None
     ended_at = state.last_fall_at + cfg.quiet_s
-    step = Step(EventType.END, EventKind.FALL, state.fall_event, at=ended_at)
+    step = EventStep(EventType.END, EventKind.FALL, state.fall_event, at=ended_at)
     new = state.model_copy(update={"fall_event": None, "cooldown_until": ended_at + cfg.cooldown_s})
     return new, [step]
 
@@ -107,11 +107,11 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
         return state, []
     history, i = _insert(state.history, obs)
     state = state.model_copy(update={"history": history})
-    steps: list[Step] = []
+    steps: list[EventStep] = []
     if state.fall_event is not None and obs.at - state.last_fall_at > cfg.quiet_s:
         state, steps = _end(state, cfg)
     if state.fall_event is not None and obs.fall:
-        steps.append(Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
+        steps.append(EventStep(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
                           decided_by=obs.by, frame_ids=(obs.frame_id,)))
         state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at)})
     elif state.fall_event is None and obs.fall and obs.at >= state.cooldown_until:
@@ -134,11 +134,11 @@ def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transit
 def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
     """Offline starts a camera_offline event, online ends it; repeats and planned stops change nothing."""
     if status.state is CameraState.OFFLINE and state.offline_event is None and not status.expected:
-        step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
+        step = EventStep(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
                     description=status.reason or None)
         return state.model_copy(update={"offline_event": step.event_id}), [step]
     if status.state is CameraState.ONLINE and state.offline_event is not None:
-        step = Step(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
+        step = EventStep(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
                     description=status.reason or None)
         return state.model_copy(update={"offline_event": None}), [step]
     return state, []

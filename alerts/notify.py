@@ -283,7 +283,7 @@ def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
 
 
 @dataclass(frozen=True)
-class NotifyReport:
+class NotifierStepReport:
     """What one :meth:`Notifier.step` did."""
 
     delivered: int = 0
@@ -324,7 +324,7 @@ class Notifier:
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group)
 
-    def step(self, block_ms: int | None = None) -> NotifyReport:
+    def step(self, block_ms: int | None = None) -> NotifierStepReport:
         if not self._started:
             self.setup()
         tally: dict[str, int] = {}
@@ -337,7 +337,7 @@ class Notifier:
             self._handle(entry, tally)
         for entry in read_group(self.client, self.group, self.name, [self.stream], self.batch, block_ms):
             self._handle(entry, tally)
-        return NotifyReport(**tally)
+        return NotifierStepReport(**tally)
 
     def run(self, stop: threading.Event) -> None:
         log.info("notifier_started", consumer=self.name, channels=len(self.channels))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 import structlog
 
-from alerts.merge import MergeResult, Outcome, VerdictMerger
+from alerts.merge import MergeResult, MergeOutcome, VerdictMerger
 from alerts.store import EventStore
 from fallwatch.streams import (Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
                                trim_consumed)
@@ -38,7 +38,7 @@ ROLE = "alerts"
 
 
 @dataclass(frozen=True)
-class StepReport:
+class AlertsStepReport:
     """What one :meth:`AlertsService.step` did."""
 
     verdicts: int = 0
@@ -50,10 +50,6 @@ class StepReport:
     dead_letters: int = 0
     claimed: int = 0
     events: tuple[AlertEvent, ...] = field(default_factory=tuple)
-
-    @property
-    def idle(self) -> bool:
-        return not (self.verdicts or self.statuses or self.finals or self.timeouts or self.events or self.claimed)
 
 
 class AlertsService:
@@ -84,7 +80,7 @@ class AlertsService:
         ensure_group(self.client, self.status, self.status_group)
 
     # --- one batch -------------------------------------------------------------------------------
-    def step(self, block_ms: int | None = None) -> StepReport:
+    def step(self, block_ms: int | None = None) -> AlertsStepReport:
         """Process one batch. ``block_ms`` None: do not wait for new entries."""
         if not self._ready:
             self.setup()
@@ -105,7 +101,7 @@ class AlertsService:
         events += self.store.tick()
         for ev in events:
             self.metrics.event(ev.kind.value, ev.type.value)
-        return StepReport(events=tuple(events), **tally)
+        return AlertsStepReport(events=tuple(events), **tally)
 
     def _claim_due(self) -> bool:
         now = time.monotonic()
@@ -162,14 +158,14 @@ class AlertsService:
             events += self.store.apply_status(msg)
 
     def _count_merge(self, result: MergeResult, tally: Counter[str], timeout: bool = False) -> None:
-        if result.outcome is Outcome.FINAL:
+        if result.outcome is MergeOutcome.FINAL:
             tally["finals"] += 1
             if result.final is not None:
                 self.metrics.final(result.final.decided_by.value, result.final.latency_ms / 1000)
             tally["timeouts"] += int(timeout)
-        elif result.outcome is Outcome.DUPLICATE:
+        elif result.outcome is MergeOutcome.DUPLICATE:
             tally["duplicates"] += 1
-        elif result.outcome is Outcome.WAITING:
+        elif result.outcome is MergeOutcome.WAITING:
             tally["waiting"] += 1
         else:
             tally["dead_letters"] += 1

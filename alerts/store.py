@@ -16,7 +16,7 @@ from typing import Any
 import redis
 import structlog
 
-from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_status, on_tick
+from alerts.events import EVENT_FRAMES_MAX, CameraAlertState, EventStep, Transition, on_final, on_status, on_tick
 from alerts.notify import deliveries_for
 from fallwatch.defaults import EVENT_TTL_S
 from fallwatch.keys import Keys, text
@@ -52,13 +52,13 @@ def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: 
     pipe.publish(keys.alerts_channel(), event.to_json())
 
 
-def _merged_confidence(current: AlertEvent, step: Step) -> tuple[float | None, Any]:
+def _merged_confidence(current: AlertEvent, step: EventStep) -> tuple[float | None, Any]:
     if step.confidence is None or (current.confidence is not None and current.confidence >= step.confidence):
         return current.confidence, current.decided_by
     return step.confidence, step.decided_by
 
 
-def build_event(step: Step, current: AlertEvent | None, camera_id: str, name: str) -> AlertEvent:
+def build_event(step: EventStep, current: AlertEvent | None, camera_id: str, name: str) -> AlertEvent:
     """The AlertEvent for a lifecycle step, carrying over the event's state (ack, frames)."""
     if step.type is EventType.START or current is None:
         return AlertEvent(
@@ -97,9 +97,6 @@ class EventStore:
             events += self.transact(text(raw), lambda s: on_tick(s, now, self.cfg))
         return events
 
-    def state(self, camera_id: str) -> CameraAlertState:
-        return self._load_state(self.client, camera_id)
-
     def _load_state(self, client: Any, camera_id: str) -> CameraAlertState:
         raw = client.hget(self.keys.camera_state(camera_id), "state")  # JSON: the model has nested history
         return CameraAlertState.model_validate_json(raw) if raw is not None else CameraAlertState()
@@ -128,7 +125,7 @@ class EventStore:
                      camera=camera_id, confidence=ev.confidence)
         return events
 
-    def _events_for(self, pipe: Any, camera_id: str, steps: list[Step]) -> list[AlertEvent]:
+    def _events_for(self, pipe: Any, camera_id: str, steps: list[EventStep]) -> list[AlertEvent]:
         name = camera_name(self.settings, camera_id)
         events: list[AlertEvent] = []
         for step in steps:

@@ -97,13 +97,13 @@ def reject_job(worker: CloudWorker, job_id: str, queue: Queue, problem: str, job
         pipe.execute()
 
 
-class Outcome(StrEnum):
+class PollOutcome(StrEnum):
     RAN = "ran"
     REJECTED = "rejected"
     IDLE = "idle"
 
 
-def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
+def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | PollOutcome:
     """The next job that may run, or IDLE (queue empty) or REJECTED (a job was refused)."""
     try:
         result = worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=1)
@@ -114,26 +114,26 @@ def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
         if job_id is None or queue is None:
             raise
         reject_job(worker, job_id, queue, f"job cannot be loaded: {type(exc).__name__}: {str(exc)[:500]}")
-        return Outcome.REJECTED
+        return PollOutcome.REJECTED
     if result is None:
-        return Outcome.IDLE
+        return PollOutcome.IDLE
     problem = job_problem(result[0])
     if problem is not None:
         reject_job(worker, result[0].id, result[1], problem, result[0])
-        return Outcome.REJECTED
+        return PollOutcome.REJECTED
     return result
 
 
-def work_one(worker: CloudWorker) -> Outcome:
+def work_one(worker: CloudWorker) -> PollOutcome:
     """Maintenance when due, then dequeue and run (or reject) one job."""
     if worker.should_run_maintenance_tasks:
         worker.run_maintenance_tasks()
     result = _next_job(worker)
-    if isinstance(result, Outcome):
+    if isinstance(result, PollOutcome):
         return result
     worker.execute_job(*result)
     worker.heartbeat()
-    return Outcome.RAN
+    return PollOutcome.RAN
 
 
 def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: RedisSettings | None = None) -> int:
@@ -157,8 +157,8 @@ def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: 
                 continue
             except StopRequested:
                 break
-            done += outcome is Outcome.RAN
-            if outcome is Outcome.IDLE and burst:
+            done += outcome is PollOutcome.RAN
+            if outcome is PollOutcome.IDLE and burst:
                 break
     finally:
         try:

@@ -43,7 +43,7 @@ class AgreementModel(Protocol):
 
 
 @dataclass
-class StepResult:
+class EdgeStepReport:
     read: int = 0
     scored: int = 0
     confident: int = 0
@@ -117,7 +117,7 @@ class EdgeWorker:
         return [p["message_id"] for p, found in zip(pending, pipe.execute()) if not found]
 
     # --- processing --------------------------------------------------------------------
-    def step(self, block_ms: int | None = None) -> StepResult:
+    def step(self, block_ms: int | None = None) -> EdgeStepReport:
         """Claim stale entries when due, else read new ones; process one batch."""
         now = time.monotonic()
         claimed = []
@@ -130,8 +130,8 @@ class EdgeWorker:
         self.heartbeat()
         return result
 
-    def process(self, entries: list[tuple[str, dict]]) -> StepResult:
-        result = StepResult(read=len(entries), entry_ids=[e for e, _ in entries])
+    def process(self, entries: list[tuple[str, dict]]) -> EdgeStepReport:
+        result = EdgeStepReport(read=len(entries), entry_ids=[e for e, _ in entries])
         if not entries:
             return result
         frames = self._decode_all(entries, result)
@@ -140,7 +140,7 @@ class EdgeWorker:
         self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
         return result
 
-    def _decode_all(self, entries: list[tuple[str, dict]], result: StepResult) -> list[DecodedFrame]:
+    def _decode_all(self, entries: list[tuple[str, dict]], result: EdgeStepReport) -> list[DecodedFrame]:
         frames = []
         for entry_id, fields in entries:
             try:
@@ -155,7 +155,7 @@ class EdgeWorker:
                           error, self.name)
         self.metrics.dead_letter(reason)
 
-    def _score_and_publish(self, frames: list[DecodedFrame], result: StepResult) -> None:
+    def _score_and_publish(self, frames: list[DecodedFrame], result: EdgeStepReport) -> None:
         scores = self.model.score([f.image for f in frames])
         agreement = self.switcher.agreement(scores.features) if self.switcher is not None else None
         per_item_ms = scores.wall_s * 1000 / len(frames)

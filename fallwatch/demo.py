@@ -208,11 +208,11 @@ def summarise(client: redis.Redis, keys: Keys, camera: str, delivered: int) -> d
         "lost": ingested - len(unique),
         "latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
                        "p99": round(float(np.percentile(latency, 99)), 1)},
-        "f1": f1_score(finals),
+        "f1": finals_f1(finals),
     }
 
 
-def f1_score(finals: list[FinalVerdict]) -> float | None:
+def finals_f1(finals: list[FinalVerdict]) -> float | None:
     scored = [(v.is_fall, v.gt_fall) for v in finals if v.gt_fall is not None]
     tp = sum(p and t for p, t in scored)
     fp = sum(p and not t for p, t in scored)
