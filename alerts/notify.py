@@ -32,17 +32,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePath
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import structlog
 from pydantic import SecretStr
 
-from fallwatch.streams import Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
 from fallwatch.defaults import DELIVERED_TTL_S
 from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.registry import SchemeRegistry
+from fallwatch.role import RoleLoop
 from fallwatch.logging import redact_text
 from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
 from fallwatch.settings import CloudSettings, EdgeSettings, NotificationSettings, Settings
@@ -304,7 +306,7 @@ def backoff_s(attempts: int, cfg: NotificationSettings) -> float:
     return max(exp, cfg.timeout_s)
 
 
-class Notifier:
+class Notifier(RoleLoop):
     """Delivers the outbox. Drive with :meth:`step` (tests) or :meth:`run` (a thread)."""
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str,
@@ -339,19 +341,15 @@ class Notifier:
             self._handle(entry, tally)
         return NotifierStepReport(**tally)
 
-    def run(self, stop: threading.Event) -> None:
-        log.info("notifier_started", consumer=self.name, channels=len(self.channels))
-        backoff = Backoff.redis(self.settings.redis)
-        while not stop.is_set():
-            try:
-                self.step(self.block_ms)
-                backoff.reset()
-            except redis.RedisError as exc:
-                delay = backoff.next()
-                log.warning("notifier_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
-                stop.wait(delay)
-                self._started = False  # set the group up again after a server restart
-        log.info("notifier_stopped", consumer=self.name)
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------------
+    def started_fields(self) -> dict[str, Any]:
+        return {"channels": len(self.channels)}
+
+    def run_once(self) -> NotifierStepReport:
+        return self.step(self.block_ms)
+
+    def on_outage(self, exc: BaseException) -> None:
+        self._started = False  # set the group up again after a server restart
 
     def outbox_size(self) -> int:
         """Notifications still owed (delivered entries are deleted)."""

@@ -12,7 +12,6 @@ verdict and applying it to the camera leaves the final-stream entry pending, to 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,11 +22,12 @@ import structlog
 
 from alerts.merge import MergeResult, MergeOutcome, VerdictMerger
 from alerts.store import EventStore
-from fallwatch.streams import (Backoff, Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
+from fallwatch.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
                                trim_consumed)
 from fallwatch.keys import Keys
 from fallwatch.logging import redact_text
 from fallwatch.metrics import AlertsMetrics
+from fallwatch.role import RoleLoop
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import AlertEvent, CameraStatus, CloudVerdict, EdgeVerdict, FinalVerdict, SchemaError, decode
 from fallwatch.settings import Settings
@@ -52,8 +52,10 @@ class AlertsStepReport:
     events: tuple[AlertEvent, ...] = field(default_factory=tuple)
 
 
-class AlertsService:
+class AlertsService(RoleLoop):
     """Run with :meth:`run` in a thread (stop with the event) or drive :meth:`step` directly."""
+
+    log_name = "alerts"
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str | None = None,
                  clock: Callable[[], float] = time.time, batch: int = 100, block_ms: int = 500,
@@ -177,23 +179,9 @@ class AlertsService:
         tally["dead_letters"] += 1
 
     # --- loop ------------------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        self.beat.beat(force=True)
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------------
+    def run_once(self) -> AlertsStepReport:
+        return self.step(self.block_ms)
 
-    def run(self, stop: threading.Event) -> None:
-        """Process until ``stop`` is set; Redis outages are waited out with capped backoff."""
-        log.info("alerts_started", consumer=self.name)
-        backoff, last_beat = Backoff.redis(self.settings.redis), 0.0
-        while not stop.is_set():
-            try:
-                if time.monotonic() - last_beat >= self.settings.metrics.heartbeat_s:
-                    self.heartbeat()
-                    last_beat = time.monotonic()
-                self.step(self.block_ms)
-                backoff.reset()
-            except redis.RedisError as exc:
-                delay = backoff.next()
-                log.warning("alerts_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
-                stop.wait(delay)
-                self._ready = False  # a restarted server may have lost the groups
-        log.info("alerts_stopped", consumer=self.name)
+    def on_outage(self, exc: BaseException) -> None:
+        self._ready = False  # a restarted server may have lost the groups

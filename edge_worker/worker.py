@@ -8,7 +8,6 @@ so the alerts service removes duplicates.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,10 +22,11 @@ from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys, text
 from fallwatch.metrics import EdgeMetrics
 from fallwatch.offload import enqueue_offload
+from fallwatch.role import RoleLoop
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode
 from fallwatch.settings import Settings
-from fallwatch.streams import Backoff, ensure_group, job_queue, write_dead_letter
+from fallwatch.streams import ensure_group, job_queue, write_dead_letter
 
 log = structlog.get_logger(__name__)
 
@@ -54,8 +54,11 @@ class EdgeStepReport:
     entry_ids: list[str] = field(default_factory=list)
 
 
-class EdgeWorker:
+class EdgeWorker(RoleLoop):
     """One consumer of the edge group. Drive it with :meth:`run` or, in tests, :meth:`step`."""
+
+    log_name = "edge_worker"
+    outage_errors = (redis.ConnectionError, redis.TimeoutError)
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, model: Scorer,
                  switcher: AgreementModel | None = None, name: str | None = None,
@@ -219,27 +222,25 @@ class EdgeWorker:
         if self.beat.beat(force):
             self.metrics.set_queue_depth(self.queue.name, self.queue.count)
 
-    def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set. Redis outages are retried, never fatal."""
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------
+    def on_start(self) -> None:
         self.ensure_group()
         self.heartbeat(force=True)
-        log.info("edge_worker_started", worker=self.name, model=self.model.model_id,
-                 switcher=self.switcher is not None, batch_size=self.cfg.batch_size)
-        backoff = Backoff.redis(self.settings.redis)
-        while not stop.is_set():
-            try:
-                self.step()
-                backoff.reset()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                delay = backoff.next()
-                log.warning("redis_unavailable", worker=self.name, error=str(exc), retry_in_s=delay)
-                stop.wait(delay)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"model": self.model.model_id, "switcher": self.switcher is not None, "batch_size": self.cfg.batch_size}
+
+    def run_once(self) -> EdgeStepReport | None:
+        try:
+            return self.step()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
+            return None
+
+    def on_stop(self) -> None:
         try:
             self.beat.clear()
         except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
             log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
-        log.info("edge_worker_stopped", worker=self.name)
