@@ -30,7 +30,8 @@ from fallwatch.keys import Keys
 from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
 from fallwatch.runtime import Heartbeat
 from fallwatch.settings import RedisSettings, Settings
-from fallwatch.streams import Backoff, job_queue
+from fallwatch.role import LoopDone, RoleLoop
+from fallwatch.streams import job_queue
 
 log = structlog.get_logger(__name__)
 
@@ -136,31 +137,39 @@ def work_one(worker: CloudWorker) -> PollOutcome:
     return PollOutcome.RAN
 
 
-def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: RedisSettings | None = None) -> int:
-    """Work jobs until ``stop`` is set (or, with ``burst``, until the queue is empty). Returns jobs done."""
-    done = 0
-    if threading.current_thread() is not threading.main_thread():
-        worker.death_penalty_class = TimerDeathPenalty  # SIGALRM timeouts only work on the main thread
-    worker.bootstrap(logging_level="WARNING")
-    log.info("cloud_worker_started", worker=worker.name, queues=worker.queue_names())
-    backoff = Backoff.redis(retry or RedisSettings())
-    worker.stop_event = stop
-    try:
-        while not stop.is_set():
-            try:
-                outcome = work_one(worker)
-                backoff.reset()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                delay = backoff.next()
-                log.warning("redis_unavailable", worker=worker.name, error=str(exc), retry_in_s=delay)
-                stop.wait(delay)
-                continue
-            except StopRequested:
-                break
-            done += outcome is PollOutcome.RAN
-            if outcome is PollOutcome.IDLE and burst:
-                break
-    finally:
+class CloudLoop(RoleLoop):
+    """The role loop around RQ's job machinery: one job (or maintenance, or an idle poll) a step."""
+
+    log_name = "cloud_worker"
+    outage_errors = (redis.ConnectionError, redis.TimeoutError)
+
+    def __init__(self, worker: CloudWorker, stop: threading.Event, burst: bool, retry: RedisSettings | None):
+        self.worker, self.name, self.burst, self.retry = worker, worker.name, burst, retry or RedisSettings()
+        self.done = 0
+        worker.stop_event = stop
+
+    def redis_settings(self) -> RedisSettings:
+        return self.retry
+
+    def on_start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self.worker.death_penalty_class = TimerDeathPenalty  # SIGALRM timeouts only work on the main thread
+        self.worker.bootstrap(logging_level="WARNING")
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"queues": self.worker.queue_names()}
+
+    def run_once(self) -> None:
+        try:
+            outcome = work_one(self.worker)
+        except StopRequested:
+            raise LoopDone() from None
+        self.done += outcome is PollOutcome.RAN
+        if outcome is PollOutcome.IDLE and self.burst:
+            raise LoopDone()
+
+    def on_stop(self) -> None:
+        worker = self.worker
         try:
             worker.teardown()
         except redis.RedisError as exc:
@@ -168,5 +177,13 @@ def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: 
             if worker.pubsub_thread is not None:
                 worker.pubsub_thread.stop()  # RQ's command listener would go on retrying the lost server
         install(None)
-    log.info("cloud_worker_stopped", worker=worker.name, jobs=done)
-    return done
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"jobs": self.done}
+
+
+def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: RedisSettings | None = None) -> int:
+    """Work jobs until ``stop`` is set (or, with ``burst``, until the queue is empty). Returns jobs done."""
+    loop = CloudLoop(worker, stop, burst, retry)
+    loop.run(stop)
+    return loop.done
