@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-deps test-fast faults demo bench clean
+.PHONY: install test test-deps test-fast lint faults demo clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ test: install test-deps
 # System packages some tests need (GStreamer's RTSP server, docker-compose); idempotent.
 test-deps:
 	./scripts/install-test-deps.sh
+
+# ruff, configured in pyproject.toml; .ci/run runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not fault and not rtsp"

@@ -8,7 +8,7 @@ whatever the debounce and cooldown say: a possible fall that the cloud saw is al
 
 from __future__ import annotations
 
-from alerts.events import CameraAlertState, Step, Transition
+from alerts.events import CameraAlertState, EventStep, Transition
 from alerts.merge import cloud_decision, cloud_usable
 from fallwatch.schemas import CloudVerdict, Decider, EventKind, EventType, new_id
 
@@ -28,10 +28,10 @@ def on_audit_fall(state: CameraAlertState, c: CloudVerdict) -> Transition:
     """Start a fall event decided by ``cloud_audit``, or add the frame to the open one."""
     p = cloud_decision(c)[1]
     if state.fall_event is not None:
-        step = Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=c.captured_at, confidence=p,
+        step = EventStep(EventType.UPDATE, EventKind.FALL, state.fall_event, at=c.captured_at, confidence=p,
                     decided_by=Decider.CLOUD_AUDIT, frame_ids=(c.frame_id,))
         return state.model_copy(update={"last_fall_at": max(state.last_fall_at, c.captured_at)}), [step]
-    step = Step(EventType.START, EventKind.FALL, new_id(), at=c.captured_at, confidence=p,
+    step = EventStep(EventType.START, EventKind.FALL, new_id(), at=c.captured_at, confidence=p,
                 decided_by=Decider.CLOUD_AUDIT, frame_ids=(c.frame_id,))
     return state.model_copy(update={"fall_event": step.event_id, "last_fall_at": c.captured_at}), [step]
 

@@ -34,7 +34,7 @@ from alerts.notify import Delivery, channel_id, compose
 from alerts.store import write_event
 from fallwatch.keys import Keys
 from fallwatch.metrics import AlertsMetrics
-from fallwatch.schemas import AlertEvent, CloudVerdict, EdgeVerdict, EventKind, EventType
+from fallwatch.schemas import AlertEvent, CloudVerdict, EdgeVerdict, EventKind, EventType, encode
 from fallwatch.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -202,8 +202,8 @@ class DriftMonitor:
     def _queue_event(self, pipe: Any, ev: AlertEvent) -> None:
         write_event(pipe, self.keys, ev, active=ev.type is not EventType.END, maxlen=self.settings.alerts.stream_maxlen)
         if ev.type is EventType.START:
-            title, body = compose(ev)
+            title, body = compose(ev, self.settings)
             for url in self.cfg.drift_notify:
                 note = Delivery(event_id=ev.event_id, channel=channel_id(url.get_secret_value()), camera_id=ev.camera_id,
                                 kind=ev.kind, title=title, body=body, frame_id=None)
-                pipe.xadd(self.keys.notify_outbox_stream(), note.to_fields())
+                pipe.xadd(self.keys.notify_outbox_stream(), encode(note))

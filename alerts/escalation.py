@@ -26,7 +26,7 @@ import structlog
 
 from alerts.notify import Delivery, channel_id, channel_ids_for, compose, deliveries_for
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, EventKind, EventType
+from fallwatch.schemas import AlertEvent, EventKind, EventType, encode
 from fallwatch.settings import EscalationTier, Settings
 
 log = structlog.get_logger(__name__)
@@ -60,7 +60,7 @@ def tier_deliveries(event: AlertEvent, settings: Settings) -> list[Delivery]:
     """Outbox entries of the tier ``event`` was just marked with (an event's start: its usual ones)."""
     if event.kind is not EventKind.FALL:
         return deliveries_for(event, settings)
-    title, body = compose(event)
+    title, body = compose(event, settings)
     frame = event.frame_ids[-1] if event.frame_ids else None
     return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
                      title=title, body=body, frame_id=frame, tier=event.escalation_tier)
@@ -70,7 +70,7 @@ def tier_deliveries(event: AlertEvent, settings: Settings) -> list[Delivery]:
 def queue_start(pipe: Any, keys: Keys, event: AlertEvent, settings: Settings) -> None:
     """On ``pipe`` (inside MULTI): a starting event's notifications and its next tier's due time."""
     for delivery in tier_deliveries(event, settings):
-        pipe.xadd(keys.notify_outbox_stream(), delivery.to_fields())
+        pipe.xadd(keys.notify_outbox_stream(), encode(delivery))
     if event.next_escalation_at is not None:
         pipe.zadd(keys.escalations(), {event.event_id: event.next_escalation_at})
 
@@ -134,7 +134,7 @@ class Escalator:
 
         write_event(pipe, self.keys, event, active=True, maxlen=self.settings.alerts.stream_maxlen)
         for delivery in tier_deliveries(event, self.settings):
-            pipe.xadd(self.keys.notify_outbox_stream(), delivery.to_fields())
+            pipe.xadd(self.keys.notify_outbox_stream(), encode(delivery))
         if event.next_escalation_at is None:
             pipe.zrem(self.keys.escalations(), event.event_id)
         else:

@@ -34,52 +34,16 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
-
-from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FinalVerdict, new_id
+from fallwatch.schemas import (CameraAlertState, CameraState, CameraStatus, Decider, EventKind, EventType, FinalVerdict,
+                               Observation, new_id)
 from fallwatch.settings import AlertsSettings
 
 HISTORY_MAX = 256
 EVENT_FRAMES_MAX = 100
 
 
-class Observation(BaseModel):
-    """One final verdict as the state machine remembers it."""
-
-    model_config = ConfigDict(frozen=True)
-    frame_id: str
-    at: float
-    fall: bool
-    p: float
-    by: Decider
-
-    @classmethod
-    def of(cls, v: FinalVerdict) -> "Observation":
-        return cls(frame_id=v.frame_id, at=v.captured_at, fall=v.is_fall, p=v.p_fall, by=v.decided_by)
-
-    @property
-    def order(self) -> tuple[float, str]:
-        return (self.at, self.frame_id)
-
-
-class CameraAlertState(BaseModel):
-    """Everything the state machine keeps for one camera (stored in ``keys.camera_state``)."""
-
-    model_config = ConfigDict(frozen=True)
-    history: tuple[Observation, ...] = ()
-    fall_event: str | None = None
-    last_fall_at: float = 0.0
-    cooldown_until: float = 0.0
-    offline_event: str | None = None
-    fall_unseen: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.fall_event is not None or self.offline_event is not None
-
-
 @dataclass(frozen=True)
-class Step:
+class EventStep:
     """One lifecycle step to publish; ``alerts.store`` turns it into an AlertEvent."""
 
     type: EventType
@@ -94,7 +58,7 @@ class Step:
     seen_until: float | None = None  # with seen False: capture time of the last fall seen
 
 
-Transition = tuple[CameraAlertState, list[Step]]
+Transition = tuple[CameraAlertState, list[EventStep]]
 
 
 def _insert(history: tuple[Observation, ...], obs: Observation) -> tuple[tuple[Observation, ...], int]:
@@ -127,16 +91,16 @@ def _strongest(falls: tuple[Observation, ...]) -> Observation:
     return max(falls, key=lambda h: (h.p, h.at))
 
 
-def _start(falls: tuple[Observation, ...]) -> Step:
+def _start(falls: tuple[Observation, ...]) -> EventStep:
     top = _strongest(falls)
-    return Step(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
+    return EventStep(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
                 decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls))
 
 
 def _unseen(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
     """The models stopped seeing the fall: say so on the event, which stays open."""
     assert state.fall_event is not None
-    step = Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=state.last_fall_at + cfg.quiet_s,
+    step = EventStep(EventType.UPDATE, EventKind.FALL, state.fall_event, at=state.last_fall_at + cfg.quiet_s,
                 seen=False, seen_until=state.last_fall_at)
     return state.model_copy(update={"fall_unseen": True}), [step]
 
@@ -152,11 +116,11 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
         return state, []
     history, i = _insert(state.history, obs)
     state = state.model_copy(update={"history": history})
-    steps: list[Step] = []
+    steps: list[EventStep] = []
     if _quiet(state, obs.at, cfg):
         state, steps = _unseen(state, cfg)
     if state.fall_event is not None and obs.fall:
-        steps.append(Step(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
+        steps.append(EventStep(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
                           decided_by=obs.by, frame_ids=(obs.frame_id,), seen=True))
         state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at), "fall_unseen": False})
     elif state.fall_event is None and obs.fall and obs.at >= state.cooldown_until:
@@ -189,11 +153,11 @@ def on_resolve(state: CameraAlertState, event_id: str, at: float, cooldown_s: fl
 def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
     """Offline starts a camera_offline event, online ends it; repeats and planned stops change nothing."""
     if status.state is CameraState.OFFLINE and state.offline_event is None and not status.expected:
-        step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
+        step = EventStep(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
                     description=status.reason or None)
         return state.model_copy(update={"offline_event": step.event_id}), [step]
     if status.state is CameraState.ONLINE and state.offline_event is not None:
-        step = Step(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
+        step = EventStep(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
                     description=status.reason or None)
         return state.model_copy(update={"offline_event": None}), [step]
     return state, []

@@ -30,16 +30,16 @@ import redis
 import structlog
 
 from alerts.stats import final_increments
-from fallwatch.keys import Keys
-from fallwatch.schemas import CloudVerdict, Decider, DeadLetter, EdgeVerdict, FinalVerdict, encode
+from fallwatch.defaults import FINAL_MAXLEN, PENDING_TTL_S
+from fallwatch.keys import Keys, text
+from fallwatch.schemas import CloudVerdict, Decider, EdgeVerdict, FinalVerdict, encode
 from fallwatch.settings import AlertsSettings
+from fallwatch.streams import write_dead_letter
 
 log = structlog.get_logger(__name__)
 
 # Final on the edge without an offload: confident, or kept by the cloud budget or backpressure.
 KEPT_ON_EDGE = frozenset({Decider.EDGE, Decider.EDGE_BUDGET, Decider.EDGE_SHED})
-PENDING_TTL_S = 7 * 86400
-FINAL_MAXLEN = 100_000
 
 _FINALIZE = """
 if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[3]) then return false end
@@ -68,7 +68,7 @@ return f
 """
 
 
-class Outcome(StrEnum):
+class MergeOutcome(StrEnum):
     FINAL = "final"          # a final verdict was written
     DUPLICATE = "duplicate"  # the frame already had its final verdict
     WAITING = "waiting"      # parked until the other half or the deadline
@@ -77,7 +77,7 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class MergeResult:
-    outcome: Outcome
+    outcome: MergeOutcome
     frame_id: str
     final: FinalVerdict | None = None
 
@@ -114,7 +114,7 @@ class VerdictMerger:
             return self.finalize(self._from_edge(v, v.decided_by or Decider.EDGE))
         if self.client.exists(self.keys.final_done(v.frame_id)):
             self._score_if_late(v)
-            return MergeResult(Outcome.DUPLICATE, v.frame_id)
+            return MergeResult(MergeOutcome.DUPLICATE, v.frame_id)
         parked = self.client.get(self.keys.pending_cloud(v.frame_id))
         if parked is not None:
             cloud = CloudVerdict.model_validate_json(parked)
@@ -122,13 +122,13 @@ class VerdictMerger:
                 return self.finalize(self._from_cloud(cloud, v))
             return self.finalize(self._from_edge(v, Decider.EDGE_CLOUD_FAILED))
         self._park(self.keys.pending_edge(v.frame_id), v.to_json(), v.frame_id, v.captured_at)
-        return MergeResult(Outcome.WAITING, v.frame_id)
+        return MergeResult(MergeOutcome.WAITING, v.frame_id)
 
     def on_cloud(self, c: CloudVerdict) -> MergeResult:
         if self.client.exists(self.keys.final_done(c.frame_id)):
             log.info("late_cloud_verdict", frame=c.frame_id, ok=c.ok)
             self.client.delete(self.keys.pending_cloud(c.frame_id))
-            return MergeResult(Outcome.DUPLICATE, c.frame_id)
+            return MergeResult(MergeOutcome.DUPLICATE, c.frame_id)
         raw = self.client.get(self.keys.pending_edge(c.frame_id))
         edge = EdgeVerdict.model_validate_json(raw) if raw is not None else None
         if cloud_usable(c):
@@ -137,13 +137,13 @@ class VerdictMerger:
         if edge is not None:
             return self.finalize(self._from_edge(edge, Decider.EDGE_CLOUD_FAILED))
         self._park(self.keys.pending_cloud(c.frame_id), c.to_json(), c.frame_id, c.captured_at)
-        return MergeResult(Outcome.WAITING, c.frame_id)
+        return MergeResult(MergeOutcome.WAITING, c.frame_id)
 
     # --- deadlines -------------------------------------------------------------------------
     def expire(self, limit: int = 100) -> list[MergeResult]:
         """Finalise frames whose cloud deadline has passed with their edge verdict."""
         due = self.client.zrangebyscore(self.keys.pending_verdicts(), "-inf", self.clock(), start=0, num=limit)
-        return [self._expire_one(fid.decode()) for fid in due]
+        return [self._expire_one(text(fid)) for fid in due]
 
     def _expire_one(self, frame_id: str) -> MergeResult:
         raw = self.client.get(self.keys.pending_edge(frame_id))
@@ -152,19 +152,15 @@ class VerdictMerger:
             log.warning("cloud_timeout", frame=frame_id, camera=edge.camera_id)
             return self.finalize(self._from_edge(edge, Decider.EDGE_TIMEOUT))
         if not self.client.zrem(self.keys.pending_verdicts(), frame_id):
-            return MergeResult(Outcome.DUPLICATE, frame_id)  # another process took it
+            return MergeResult(MergeOutcome.DUPLICATE, frame_id)  # another process took it
         self.client.delete(self.keys.pending_cloud(frame_id))
         if self.client.exists(self.keys.final_done(frame_id)):
-            return MergeResult(Outcome.DUPLICATE, frame_id)
-        dl = DeadLetter(source=self.keys.pending_verdicts(), entry_id=frame_id, reason="no_edge_verdict",
-                        error="the cloud job failed and no edge verdict arrived by the deadline",
-                        worker=self.worker)
-        self.client.xadd(self.keys.dead_letter_stream(), encode(dl), maxlen=FINAL_MAXLEN, approximate=True)
+            return MergeResult(MergeOutcome.DUPLICATE, frame_id)
+        write_dead_letter(self.client, self.keys.dead_letter_stream(), self.keys.pending_verdicts(), frame_id,
+                          "no_edge_verdict", "the cloud job failed and no edge verdict arrived by the deadline",
+                          self.worker)
         log.error("no_verdict_for_frame", frame=frame_id)
-        return MergeResult(Outcome.DEAD, frame_id)
-
-    def pending_count(self) -> int:
-        return int(self.client.zcard(self.keys.pending_verdicts()))
+        return MergeResult(MergeOutcome.DEAD, frame_id)
 
     # --- writing ---------------------------------------------------------------------------
     def finalize(self, final: FinalVerdict) -> MergeResult:
@@ -182,11 +178,11 @@ class VerdictMerger:
         if entry_id is None:
             self.client.zrem(k.pending_verdicts(), fid)
             self.client.delete(k.pending_edge(fid), k.pending_cloud(fid))
-            return MergeResult(Outcome.DUPLICATE, fid)
+            return MergeResult(MergeOutcome.DUPLICATE, fid)
         log.info("final_verdict", frame=fid, camera=final.camera_id, is_fall=final.is_fall,
                  p_fall=round(final.p_fall, 4), decided_by=final.decided_by.value,
                  latency_ms=round(final.latency_ms, 1))
-        return MergeResult(Outcome.FINAL, fid, final)
+        return MergeResult(MergeOutcome.FINAL, fid, final)
 
     def _park(self, key: str, body: bytes, frame_id: str, captured_at: float) -> None:
         with self.client.pipeline(transaction=True) as pipe:

@@ -44,7 +44,7 @@ from alerts.ha_discovery import Entity, camera_entities, config_topic, site_enti
 from alerts.mqtt_topics import Topics
 from alerts.stats import read_stats
 from alerts.store import EVENT_TTL_S, EventNotFound, acknowledge
-from alerts.streams import Entry, ack, ensure_group, read_group, read_own_pending
+from fallwatch.streams import Entry, ack, ensure_group, read_group, read_own_pending
 from fallwatch.keys import Keys
 from fallwatch.lease import Lease
 from fallwatch.logging import redact_text

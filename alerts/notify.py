@@ -31,66 +31,37 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import SecretStr
 
-from alerts.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
-from fallwatch.keys import Keys
+from fallwatch.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.defaults import DELIVERED_TTL_S
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
+from fallwatch.registry import SchemeRegistry
+from fallwatch.role import RoleLoop
 from fallwatch.logging import redact_text
-from fallwatch.schemas import AlertEvent, Decider, EventKind, SchemaError, now
-from fallwatch.settings import NotificationSettings, Settings
+from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
+from fallwatch.settings import CloudSettings, EdgeSettings, NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
 
-DELIVERED_TTL_S = 30 * 86400
-OUTBOX_FIELD = b"d"
 
+# {edge} and {cloud}: the configured models' names (``edge.model``, ``cloud.model``).
 DECIDER_TEXT = {
-    Decider.EDGE: "edge model (ViLT)",
-    Decider.CLOUD: "cloud model (LLaVA-NeXT-Video)",
+    Decider.EDGE: "edge model ({edge})",
+    Decider.CLOUD: "cloud model ({cloud})",
     Decider.EDGE_TIMEOUT: "edge model (the cloud did not answer in time)",
     Decider.EDGE_CLOUD_FAILED: "edge model (the cloud check failed)",
-    Decider.CLOUD_AUDIT: "cloud model (LLaVA-NeXT-Video), auditing a no-fall edge verdict",
+    Decider.CLOUD_AUDIT: "cloud model ({cloud}), auditing a no-fall edge verdict",
     Decider.EDGE_BUDGET: "edge model (not sent to the cloud: the cloud budget was spent)",
     Decider.EDGE_SHED: "edge model (not sent to the cloud: it was too busy to answer in time)",
 }
-
-
-class Delivery(BaseModel):
-    """One notification owed on one channel (an outbox entry)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    event_id: str = Field(..., min_length=1)
-    channel: str = Field(..., min_length=1)
-    camera_id: str = Field(..., min_length=1)
-    kind: EventKind
-    title: str
-    body: str
-    frame_id: str | None = None
-    created_at: float = Field(default_factory=now)
-    tier: int = Field(0, ge=0, description="Escalation tier of a fall notification (0: not a fall).")
-
-    @property
-    def marker_id(self) -> str:
-        """What the ``delivered`` marker is named after: each tier of an event is delivered once."""
-        return self.event_id if self.tier <= 1 else f"{self.event_id}:tier{self.tier}"
-
-    def to_fields(self) -> dict[bytes, bytes]:
-        return {OUTBOX_FIELD: self.model_dump_json().encode()}
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> "Delivery":
-        try:
-            return cls.model_validate_json(fields[OUTBOX_FIELD])
-        except KeyError:
-            raise SchemaError("outbox entry has no 'd' field") from None
-        except ValidationError as exc:
-            raise SchemaError(f"invalid outbox entry: {exc.error_count()} errors: {exc.errors()[0]['msg']}") from None
 
 
 # --- channels and their names --------------------------------------------------------------
@@ -132,8 +103,16 @@ def tier_text(event: AlertEvent) -> str:
             f"open for {_duration(event.at - event.started_at)}{waiting}.")
 
 
-def compose(event: AlertEvent) -> tuple[str, str]:
-    """Title and body of the notification of an event's start or of one of its escalation tiers."""
+def model_names(settings: Settings | None) -> dict[str, str]:
+    """Short names of the edge and cloud models (the last part of the hub id or path)."""
+    edge = settings.edge.model if settings else EdgeSettings.model_fields["model"].default
+    cloud = settings.cloud.model if settings else CloudSettings.model_fields["model"].default
+    return {"edge": PurePath(edge).name or edge, "cloud": PurePath(cloud).name or cloud}
+
+
+def compose(event: AlertEvent, settings: Settings | None = None) -> tuple[str, str]:
+    """Title and body of the notification of an event's start or of one of its escalation tiers
+    (models named as ``settings`` has them)."""
     name = event.camera_name or event.camera_id
     if event.kind is EventKind.SWITCHER_DRIFT:
         return f"Switcher drift: {name}", f"DMD switcher drift on {name} since {_when(event.started_at)}: {event.description}"
@@ -142,6 +121,7 @@ def compose(event: AlertEvent) -> tuple[str, str]:
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
     conf = f"{100 * event.confidence:.0f}%" if event.confidence is not None else "unknown"
     by = DECIDER_TEXT.get(event.decided_by, "unknown model") if event.decided_by else "unknown model"
+    by = by.format(**model_names(settings))
     body = (f"Possible fall on camera {name} at {_when(event.started_at)}. "
             f"Confidence {conf}, decided by the {by}. Event {event.event_id}.")
     if event.escalation_tier:
@@ -153,7 +133,7 @@ def compose(event: AlertEvent) -> tuple[str, str]:
 
 def deliveries_for(event: AlertEvent, settings: Settings) -> list[Delivery]:
     """The outbox entries owed for an event's start, one per channel."""
-    title, body = compose(event)
+    title, body = compose(event, settings)
     frame = event.frame_ids[-1] if event.frame_ids else None
     return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
                      title=title, body=body, frame_id=frame)
@@ -236,7 +216,7 @@ class NotificationChannel(ABC):
             return DeliveryStatus.SUPPRESSED
         try:
             ok = self.deliver(note, attachment)
-        except Exception as exc:  # a channel must never take the notifier down
+        except Exception as exc:  # noqa: BLE001 - a channel must never take the notifier down
             log.warning("notification_error", channel=self.name, error=_SECRETS.scrub(f"{type(exc).__name__}: {exc}"))
             ok = False
         if not ok:
@@ -306,6 +286,13 @@ class AppriseChannel(NotificationChannel):
         return bool(result)
 
 
+ChannelFactory = Callable[..., NotificationChannel]  # (url: SecretStr, *, timeout_s, cooldown_s)
+
+# URL scheme -> channel class; apprise takes every scheme no other class claims. A class takes
+# (url, *, timeout_s, cooldown_s) and names itself channel_id(url) (see docs/extending.md).
+CHANNELS: SchemeRegistry[ChannelFactory] = SchemeRegistry("notification channel", fallback=AppriseChannel)
+
+
 def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     """Every channel named in the settings (global and per-camera URLs), by name."""
     n: NotificationSettings = cfg.notifications
@@ -314,7 +301,7 @@ def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
     for url in urls:
         name = channel_id(url.get_secret_value())
         if name not in channels:
-            channels[name] = AppriseChannel(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
+            channels[name] = CHANNELS.lookup(url.get_secret_value())(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
     return channels
 
 
@@ -322,7 +309,7 @@ def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
 
 
 @dataclass(frozen=True)
-class NotifyReport:
+class NotifierStepReport:
     """What one :meth:`Notifier.step` did."""
 
     delivered: int = 0
@@ -343,7 +330,7 @@ def backoff_s(attempts: int, cfg: NotificationSettings) -> float:
     return max(exp, cfg.timeout_s)
 
 
-class Notifier:
+class Notifier(RoleLoop):
     """Delivers the outbox. Drive with :meth:`step` (tests) or :meth:`run` (a thread)."""
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str,
@@ -363,7 +350,7 @@ class Notifier:
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group)
 
-    def step(self, block_ms: int | None = None) -> NotifyReport:
+    def step(self, block_ms: int | None = None) -> NotifierStepReport:
         if not self._started:
             self.setup()
         tally: dict[str, int] = {}
@@ -376,18 +363,17 @@ class Notifier:
             self._handle(entry, tally)
         for entry in read_group(self.client, self.group, self.name, [self.stream], self.batch, block_ms):
             self._handle(entry, tally)
-        return NotifyReport(**tally)
+        return NotifierStepReport(**tally)
 
-    def run(self, stop: threading.Event) -> None:
-        log.info("notifier_started", consumer=self.name, channels=len(self.channels))
-        while not stop.is_set():
-            try:
-                self.step(self.block_ms)
-            except redis.RedisError as exc:
-                log.warning("notifier_redis_error", error=redact_text(str(exc)))
-                stop.wait(1.0)
-                self._started = False  # set the group up again after a server restart
-        log.info("notifier_stopped", consumer=self.name)
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------------
+    def started_fields(self) -> dict[str, Any]:
+        return {"channels": len(self.channels)}
+
+    def run_once(self) -> NotifierStepReport:
+        return self.step(self.block_ms)
+
+    def on_outage(self, exc: BaseException) -> None:
+        self._started = False  # set the group up again after a server restart
 
     def outbox_size(self) -> int:
         """Notifications still owed (delivered entries are deleted)."""
@@ -404,7 +390,7 @@ class Notifier:
                 continue
             claimed = self.client.xclaim(self.stream, self.group, self.name, wait_ms, [p["message_id"]])
             for entry_id, fields in claimed:
-                yield Entry(self.stream, entry_id.decode(), fields or None)
+                yield Entry(self.stream, text(entry_id), fields or None)
 
     # --- one entry -----------------------------------------------------------------------------
     def _handle(self, entry: Entry, tally: dict[str, int]) -> None:
@@ -416,7 +402,7 @@ class Notifier:
             ack(self.client, self.group, entry)
             return "skipped"
         try:
-            note = Delivery.from_fields(entry.fields)
+            note, _ = decode(entry.fields, expect=Delivery)
         except SchemaError as exc:
             return self._dead(entry, "schema_error", str(exc))
         channel = self.channels.get(note.channel)

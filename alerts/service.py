@@ -12,7 +12,6 @@ verdict and applying it to the camera leaves the final-stream entry pending, to 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,13 +22,14 @@ import structlog
 
 from alerts.audit import AuditHandler, is_audit
 from alerts.drift import DriftMonitor
-from alerts.merge import MergeResult, Outcome, VerdictMerger
+from alerts.merge import MergeOutcome, MergeResult, VerdictMerger
 from alerts.store import EventStore
-from alerts.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
-                            trim_consumed)
+from fallwatch.streams import (Entry, ack, dead_letter, ensure_group, read_group, read_own_pending, reclaim,
+                               trim_consumed)
 from fallwatch.keys import Keys
 from fallwatch.logging import redact_text
 from fallwatch.metrics import AlertsMetrics
+from fallwatch.role import RoleLoop
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import AlertEvent, CameraStatus, CloudVerdict, EdgeVerdict, FinalVerdict, SchemaError, decode
 from fallwatch.settings import Settings
@@ -40,7 +40,7 @@ ROLE = "alerts"
 
 
 @dataclass(frozen=True)
-class StepReport:
+class AlertsStepReport:
     """What one :meth:`AlertsService.step` did."""
 
     verdicts: int = 0
@@ -53,13 +53,11 @@ class StepReport:
     claimed: int = 0
     events: tuple[AlertEvent, ...] = field(default_factory=tuple)
 
-    @property
-    def idle(self) -> bool:
-        return not (self.verdicts or self.statuses or self.finals or self.timeouts or self.events or self.claimed)
 
-
-class AlertsService:
+class AlertsService(RoleLoop):
     """Run with :meth:`run` in a thread (stop with the event) or drive :meth:`step` directly."""
+
+    log_name = "alerts"
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, name: str | None = None,
                  clock: Callable[[], float] = time.time, batch: int = 100, block_ms: int = 500,
@@ -88,7 +86,7 @@ class AlertsService:
         ensure_group(self.client, self.status, self.status_group)
 
     # --- one batch -------------------------------------------------------------------------------
-    def step(self, block_ms: int | None = None) -> StepReport:
+    def step(self, block_ms: int | None = None) -> AlertsStepReport:
         """Process one batch. ``block_ms`` None: do not wait for new entries."""
         if not self._ready:
             self.setup()
@@ -109,7 +107,7 @@ class AlertsService:
         events += self.store.tick()
         for ev in events:
             self.metrics.event(ev.kind.value, ev.type.value)
-        return StepReport(events=tuple(events), **tally)
+        return AlertsStepReport(events=tuple(events), **tally)
 
     def _claim_due(self) -> bool:
         now = time.monotonic()
@@ -171,14 +169,14 @@ class AlertsService:
             events += self.store.apply_status(msg)
 
     def _count_merge(self, result: MergeResult, tally: Counter[str], timeout: bool = False) -> None:
-        if result.outcome is Outcome.FINAL:
+        if result.outcome is MergeOutcome.FINAL:
             tally["finals"] += 1
             if result.final is not None:
                 self.metrics.final(result.final.decided_by.value, result.final.latency_ms / 1000)
             tally["timeouts"] += int(timeout)
-        elif result.outcome is Outcome.DUPLICATE:
+        elif result.outcome is MergeOutcome.DUPLICATE:
             tally["duplicates"] += 1
-        elif result.outcome is Outcome.WAITING:
+        elif result.outcome is MergeOutcome.WAITING:
             tally["waiting"] += 1
         else:
             tally["dead_letters"] += 1
@@ -190,23 +188,9 @@ class AlertsService:
         tally["dead_letters"] += 1
 
     # --- loop ------------------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        self.beat.beat(force=True)
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------------
+    def run_once(self) -> AlertsStepReport:
+        return self.step(self.block_ms)
 
-    def run(self, stop: threading.Event) -> None:
-        """Process until ``stop`` is set; Redis outages are waited out with capped backoff."""
-        log.info("alerts_started", consumer=self.name)
-        delay, last_beat = 0.1, 0.0
-        while not stop.is_set():
-            try:
-                if time.monotonic() - last_beat >= self.settings.metrics.heartbeat_s:
-                    self.heartbeat()
-                    last_beat = time.monotonic()
-                self.step(self.block_ms)
-                delay = 0.1
-            except redis.RedisError as exc:
-                log.warning("alerts_redis_error", error=redact_text(str(exc)), retry_in_s=delay)
-                stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-                self._ready = False  # a restarted server may have lost the groups
-        log.info("alerts_stopped", consumer=self.name)
+    def on_outage(self, exc: BaseException) -> None:
+        self._ready = False  # a restarted server may have lost the groups

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from fallwatch.keys import Keys
-from fallwatch.schemas import Decider, FinalVerdict
+from fallwatch.schemas import Decider, FinalVerdict, StatsCounts
+
 
 BUCKET_GROWTH = 1.05
 _LOG_GROWTH = math.log(BUCKET_GROWTH)
-LAT_PREFIX = "lat:"
+LAT_PREFIX = StatsCounts.LAT_PREFIX
 
 
 def latency_bucket(ms: float) -> int:
@@ -41,7 +42,7 @@ def confusion_field(is_fall: bool, gt_fall: bool) -> str:
 
 def final_increments(final: FinalVerdict) -> dict[str, int]:
     """Integer HINCRBY increments for one final verdict."""
-    inc = {"finals": 1, f"by:{final.decided_by.value}": 1, f"{LAT_PREFIX}{latency_bucket(final.latency_ms)}": 1}
+    inc = {"finals": 1, f"{StatsCounts.BY_PREFIX}{final.decided_by.value}": 1, f"{LAT_PREFIX}{latency_bucket(final.latency_ms)}": 1}
     if final.offloaded:
         inc["offloaded"] = 1
     if final.gt_fall is not None:
@@ -92,21 +93,16 @@ class StatsReport:
 
 def report_from_hash(raw: dict[bytes | str, bytes | str]) -> StatsReport:
     """Turn the raw stats hash into rates and percentiles."""
-    counts = {(k.decode() if isinstance(k, bytes) else k): int(float(v)) for k, v in raw.items()}
-
-    def c(name: str) -> int:
-        return counts.get(name, 0)
-
-    tp, fp, fn, tn = c("tp"), c("fp"), c("fn"), c("tn")
+    s = StatsCounts.from_hash(raw)
+    tp, fp, fn, tn = s.tp, s.fp, s.fn, s.tn
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
-    histogram = {int(k[len(LAT_PREFIX):]): v for k, v in counts.items() if k.startswith(LAT_PREFIX)}
     return StatsReport(
-        finals=c("finals"), scored=c("scored"), tp=tp, fp=fp, fn=fn, tn=tn,
+        finals=s.finals, scored=s.scored, tp=tp, fp=fp, fn=fn, tn=tn,
         precision=precision, recall=recall, f1=f1, accuracy=_ratio(tp + tn, tp + fp + fn + tn),
-        offloaded=c("offloaded"), offload_rate=_ratio(c("offloaded"), c("finals")),
-        latency_p50_ms=quantile_ms(histogram, 0.5), latency_p99_ms=quantile_ms(histogram, 0.99),
-        by_decider={d.value: c(f"by:{d.value}") for d in Decider},
+        offloaded=s.offloaded, offload_rate=_ratio(s.offloaded, s.finals),
+        latency_p50_ms=quantile_ms(s.latency, 0.5), latency_p99_ms=quantile_ms(s.latency, 0.99),
+        by_decider={d.value: s.by_decider.get(d.value, 0) for d in Decider},
     )
 
 

@@ -18,16 +18,16 @@ import redis
 import structlog
 
 from alerts.escalation import Escalator, queue_start, start_tier
-from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, Step, Transition, on_final, on_resolve, on_status,
-                           on_tick)
-from fallwatch.keys import Keys
-from fallwatch.schemas import (AlertEvent, CameraStatus, EventKind, EventOutcome, EventType, FinalVerdict, OutcomeRecord,
-                               encode)
+from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, EventStep, Transition, on_final, on_resolve,
+                           on_status, on_tick)
+from fallwatch.defaults import EVENT_TTL_S
+from fallwatch.keys import Keys, text
+from fallwatch.schemas import (AlertEvent, CameraStatus, EventKind, EventOutcome, EventRecord, EventType, FinalVerdict,
+                               OutcomeRecord, encode)
 from fallwatch.settings import Settings
 
-log = structlog.get_logger(__name__)
 
-EVENT_TTL_S = 30 * 86400
+log = structlog.get_logger(__name__)
 
 
 class EventNotFound(KeyError):
@@ -54,24 +54,15 @@ def camera_name(settings: Settings, camera_id: str) -> str:
         return camera_id
 
 
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
-
-
 def load_event(client: Any, keys: Keys, event_id: str) -> AlertEvent | None:
-    raw = client.hget(keys.event(event_id), "m")
-    return AlertEvent.from_json(raw) if raw is not None else None
+    raw = client.hgetall(keys.event(event_id))
+    return EventRecord.from_hash(raw).event() if raw else None
 
 
 def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: int) -> None:
     """Queue the event's record, its alerts-stream entry and its publication on ``pipe``."""
     key = keys.event(event.event_id)
-    pipe.hset(key, mapping={
-        "m": event.to_json(), "type": event.type.value, "kind": event.kind.value,
-        "camera_id": event.camera_id, "started_at": repr(event.started_at), "at": repr(event.at),
-        "acknowledged": _flag(event.acknowledged), "acknowledged_by": event.acknowledged_by or "",
-        "active": _flag(active), "outcome": event.outcome.value if event.outcome else "",
-    })
+    pipe.hset(key, mapping=EventRecord.of(event, active).to_hash())
     pipe.expire(key, EVENT_TTL_S)
     pipe.zadd(keys.events_index(), {event.event_id: event.started_at})
     pipe.zremrangebyscore(keys.events_index(), "-inf", event.started_at - EVENT_TTL_S)
@@ -79,13 +70,13 @@ def write_event(pipe: Any, keys: Keys, event: AlertEvent, active: bool, maxlen: 
     pipe.publish(keys.alerts_channel(), event.to_json())
 
 
-def _merged_confidence(current: AlertEvent, step: Step) -> tuple[float | None, Any]:
+def _merged_confidence(current: AlertEvent, step: EventStep) -> tuple[float | None, Any]:
     if step.confidence is None or (current.confidence is not None and current.confidence >= step.confidence):
         return current.confidence, current.decided_by
     return step.confidence, step.decided_by
 
 
-def _seen(step: Step, current: AlertEvent | None) -> dict[str, Any]:
+def _seen(step: EventStep, current: AlertEvent | None) -> dict[str, Any]:
     """still_seen / seen_until of a fall event after ``step``."""
     if step.kind is not EventKind.FALL:
         return {}
@@ -96,7 +87,7 @@ def _seen(step: Step, current: AlertEvent | None) -> dict[str, Any]:
     return {} if current is None else {"still_seen": current.still_seen, "seen_until": current.seen_until}
 
 
-def build_event(step: Step, current: AlertEvent | None, camera_id: str, name: str) -> AlertEvent:
+def build_event(step: EventStep, current: AlertEvent | None, camera_id: str, name: str) -> AlertEvent:
     """The AlertEvent for a lifecycle step, carrying over the event's state (ack, frames)."""
     if step.type is EventType.START or current is None:
         return AlertEvent(
@@ -134,11 +125,8 @@ class EventStore:
         now = self.clock()
         events: list[AlertEvent] = []
         for raw in self.client.smembers(self.keys.alert_cameras()):
-            events += self.transact(raw.decode(), lambda s: on_tick(s, now, self.cfg))
+            events += self.transact(text(raw), lambda s: on_tick(s, now, self.cfg))
         return events + self.escalator.fire_due()
-
-    def state(self, camera_id: str) -> CameraAlertState:
-        return self._load_state(self.client, camera_id)
 
     def _load_state(self, client: Any, camera_id: str) -> CameraAlertState:
         return load_state(client, self.keys, camera_id)
@@ -167,7 +155,7 @@ class EventStore:
                      camera=camera_id, confidence=ev.confidence)
         return events
 
-    def _events_for(self, pipe: Any, camera_id: str, steps: list[Step]) -> list[AlertEvent]:
+    def _events_for(self, pipe: Any, camera_id: str, steps: list[EventStep]) -> list[AlertEvent]:
         name = camera_name(self.settings, camera_id)
         events: list[AlertEvent] = []
         for step in steps:

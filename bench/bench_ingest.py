@@ -37,7 +37,7 @@ from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.settings import Settings
 from ingest.camera import run_camera
-from ingest.publisher import Publisher, counter_names
+from ingest.publisher import Publisher
 from ingest.records import FrameRecord
 from ingest.sampling import FpsSampler
 from ingest.sources import AvSource
@@ -172,8 +172,8 @@ def measure_real_time(spec: ClipSpec, path: Path, client, keys: Keys, settings: 
     for t in threads:
         t.join(30)
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    published = [int(client.get(keys.counter(counter_names(c.id)["items"])) or 0) for c in cfg.cameras]
-    dropped = sum(int(client.get(keys.counter(counter_names(c.id)["dropped"])) or 0) for c in cfg.cameras)
+    published = [int(client.get(keys.camera_counter(c.id, "items")) or 0) for c in cfg.cameras]
+    dropped = sum(int(client.get(keys.camera_counter(c.id, "dropped")) or 0) for c in cfg.cameras)
     expected = seconds * DST_FPS
     return RealTime(spec.name, cameras, seconds, expected, min(published), float(np.median(published)),
                     dropped, round(busy, 3), min(published) >= 0.9 * expected and dropped == 0)

@@ -27,12 +27,12 @@ from common import DEFAULT_CACHE, Machine, figure, full_vilt_dir, median_ratio, 
 
 
 def prefetching_worker_class():
-    from edge_worker.worker import EdgeWorker, StepResult
+    from edge_worker.worker import EdgeWorker, EdgeStepReport
 
     class PrefetchingWorker(EdgeWorker):
         def _fetch(self):
             entries = self.read()
-            result = StepResult(read=len(entries), entry_ids=[e for e, _ in entries])
+            result = EdgeStepReport(read=len(entries), entry_ids=[e for e, _ in entries])
             return result, (self._decode_all(entries, result) if entries else [])
 
         def run(self, stop: threading.Event) -> None:

@@ -33,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 from tqdm import tqdm
 
 from fallwatch.demo import DemoConfig, prepare
-from fallwatch.keys import Keys
+from fallwatch.keys import CameraCounter, Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import FinalVerdict, decode
+from fallwatch.streams import job_queue
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env, fallwatch_argv
 
 KEYS = Keys()
@@ -157,11 +156,11 @@ class Sampler:
 
 
 def counters(client: redis.Redis, cameras: list[str]) -> dict[str, int]:
-    def total(kind: str) -> int:
-        return sum(int(client.get(KEYS.counter(f"ingest:{c}:{kind}")) or 0) for c in cameras)
+    def total(kind: CameraCounter) -> int:
+        return sum(int(client.get(KEYS.camera_counter(c, kind)) or 0) for c in cameras)
 
     return {"frames_in": total("items"), "trimmed": total("trimmed"), "dropped": total("dropped"),
-            "trimmed_pending": int(client.get(KEYS.counter("frames_trimmed_pending")) or 0)}
+            "trimmed_pending": int(client.get(KEYS.frames_trimmed_pending()) or 0)}
 
 
 def final_verdicts(client: redis.Redis) -> list[FinalVerdict]:
@@ -275,7 +274,7 @@ def _left_over(client: redis.Redis) -> dict[str, int]:
             "frames_stream": int(client.xlen(KEYS.frames_stream())),
             "verdicts_stream": int(client.xlen(KEYS.verdicts_stream())),
             "final_stream": int(client.xlen(KEYS.final_stream())),
-            "cloud_queue": Queue(KEYS.cloud_queue(), connection=client, serializer=JSONSerializer).count}
+            "cloud_queue": job_queue(client, KEYS.cloud_queue()).count}
 
 
 def markdown(r: dict) -> str:

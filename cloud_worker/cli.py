@@ -35,7 +35,7 @@ def cloud(
     stop = stop_on_signals()
     with RedisHandle(settings.redis) as handle:
         worker = build_worker(settings, handle.client, app_ctx.keys, model, name)
-        run(worker, stop, burst=burst, retry_cap_s=settings.redis.retry_cap_s)
+        run(worker, stop, burst=burst, retry=settings.redis)
 
 
 def register(app: typer.Typer) -> None:

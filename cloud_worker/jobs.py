@@ -8,23 +8,40 @@ The model stays resident: :class:`CloudRuntime` is installed once per process by
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
 import structlog
-from pydantic import ValidationError
 
 from cloud_worker import live
 from fallwatch.budget import ServiceReporter, TokenBucket
 from fallwatch.images import PoisonInput, decode_rgb_array
 from fallwatch.keys import Keys
 from fallwatch.metrics import CloudMetrics
-from fallwatch.schemas import CloudVerdict, DeadLetter, ItemKind, OffloadRequest, encode
+from fallwatch.offload import parse_requests
+from fallwatch.schemas import CloudVerdict, ItemKind, OffloadRequest, encode
 from fallwatch.settings import Settings
+from fallwatch.streams import write_dead_letter
 
 log = structlog.get_logger(__name__)
+
+
+class CloudScores(Protocol):
+    """What a cloud scorer returns for a batch (``cloud_worker.model.CloudScores`` has these)."""
+
+    p_fall: Sequence[float] | np.ndarray  # one probability per item, in order
+    wall_s: float
+    energy_j: float | None  # energy of the batch where measured
+
+
+class CloudScorer(Protocol):
+    """A cloud model as the jobs use it: one batch of images (HxWx3) and clips (TxHxWx3) scored at once.
+    ``cloud_worker.model.CloudModel`` is one; docs/extending.md shows how to add another architecture."""
+
+    def score(self, items: Sequence[np.ndarray]) -> CloudScores: ...
 
 
 @dataclass
@@ -32,7 +49,7 @@ class CloudRuntime:
     settings: Settings
     client: redis.Redis
     keys: Keys
-    model: Any  # cloud_worker.model.CloudModel (or anything with .score(items))
+    model: CloudScorer
     name: str
     metrics: CloudMetrics = field(default_factory=CloudMetrics.create)
     service: ServiceReporter = field(default_factory=ServiceReporter)
@@ -51,15 +68,6 @@ def runtime() -> CloudRuntime:
     if _runtime is None:
         raise RuntimeError("no cloud runtime in this process: run jobs with `fallwatch cloud`, which loads the model once")
     return _runtime
-
-
-def parse_requests(requests: Any) -> list[OffloadRequest]:
-    if not isinstance(requests, list) or not requests:
-        raise PoisonInput("bad_job", f"expected a non-empty list of offload requests, got {type(requests).__name__}")
-    try:
-        return [OffloadRequest.model_validate(r) for r in requests]
-    except ValidationError as exc:
-        raise PoisonInput("bad_job", f"invalid offload request: {exc.errors()[0]['msg']}") from None
 
 
 def score_offloads(requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,10 +159,8 @@ def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:
 
 
 def _dead_letter(rt: CloudRuntime, exc: PoisonInput, job_id: str = "") -> None:
-    letter = DeadLetter(source=rt.keys.cloud_queue(rt.settings.cloud.queue), entry_id=job_id, reason=exc.reason,
-                        error=str(exc)[:4000], worker=rt.name)
-    rt.client.xadd(rt.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
-    log.warning("job_dead_lettered", reason=exc.reason, error=str(exc))
+    write_dead_letter(rt.client, rt.keys.dead_letter_stream(), rt.keys.cloud_queue(rt.settings.cloud.queue), job_id,
+                      exc.reason, str(exc), rt.name)
 
 
 def on_offload_failure(job: Any, connection: redis.Redis, exc_type: type, exc_value: BaseException, tb: Any) -> None:

@@ -25,22 +25,21 @@ from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from cloud_worker.jobs import CloudRuntime, _dead_letter, install, on_offload_failure, runtime, score_offloads
+from cloud_worker.jobs import CloudRuntime, CloudScorer, _dead_letter, install, runtime
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
+from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
 from fallwatch.runtime import Heartbeat
-from fallwatch.settings import Settings
+from fallwatch.settings import RedisSettings, Settings
+from fallwatch.role import LoopDone, RoleLoop
+from fallwatch.streams import job_queue
 
 log = structlog.get_logger(__name__)
 
 
-def _dotted(func: Any) -> str:
-    return f"{func.__module__}.{func.__qualname__}"
-
-
-# The only function and callback a cloud worker runs (the edge enqueues them by these names).
-ALLOWED_JOBS = frozenset({_dotted(score_offloads)})
-ALLOWED_CALLBACKS = frozenset({_dotted(on_offload_failure)})
+# The only function and callback a cloud worker runs: the ones the offload contract names.
+ALLOWED_JOBS = frozenset({OFFLOAD_JOB})
+ALLOWED_CALLBACKS = frozenset({OFFLOAD_FAILED})
 
 
 class CloudWorker(SimpleWorker):
@@ -64,10 +63,11 @@ class CloudWorker(SimpleWorker):
             raise
 
 
-def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: Any, name: str) -> CloudWorker:
+def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: CloudScorer,
+                 name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
-    queues = [Queue(q, connection=client, serializer=JSONSerializer)
+    queues = [job_queue(client, q)
               for q in [*keys.offload_queues(settings.cloud.queue), keys.audit_queue(settings.cloud.queue)]]
     worker = CloudWorker(queues, connection=client, serializer=JSONSerializer, name=name)  # served in priority order
     worker.fallwatch_beat = Heartbeat(client, keys, "cloud", name, settings.metrics)
@@ -103,13 +103,13 @@ def reject_job(worker: CloudWorker, job_id: str, queue: Queue, problem: str, job
 IDLE_DEQUEUE_S = 0.05  # a dequeue slower than this waited for work (not counted in the service time)
 
 
-class Outcome(StrEnum):
+class PollOutcome(StrEnum):
     RAN = "ran"
     REJECTED = "rejected"
     IDLE = "idle"
 
 
-def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
+def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | PollOutcome:
     """The next job that may run, or IDLE (queue empty) or REJECTED (a job was refused)."""
     try:
         result = worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=1)
@@ -120,31 +120,31 @@ def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | Outcome:
         if job_id is None or queue is None:
             raise
         reject_job(worker, job_id, queue, f"job cannot be loaded: {type(exc).__name__}: {str(exc)[:500]}")
-        return Outcome.REJECTED
+        return PollOutcome.REJECTED
     if result is None:
-        return Outcome.IDLE
+        return PollOutcome.IDLE
     problem = job_problem(result[0])
     if problem is not None:
         reject_job(worker, result[0].id, result[1], problem, result[0])
-        return Outcome.REJECTED
+        return PollOutcome.REJECTED
     return result
 
 
-def work_one(worker: CloudWorker) -> Outcome:
+def work_one(worker: CloudWorker) -> PollOutcome:
     """Maintenance when due, then dequeue and run (or reject) one job."""
     started = time.perf_counter()
     if worker.should_run_maintenance_tasks:
         worker.run_maintenance_tasks()
     waited = time.perf_counter()
     result = _next_job(worker)
-    if isinstance(result, Outcome):
+    if isinstance(result, PollOutcome):
         return result
     waited = time.perf_counter() - waited
     worker.execute_job(*result)
     worker.heartbeat()
     # a whole cycle is what each job ahead costs a queued one; a dequeue that blocked was idle time
     report_service(time.perf_counter() - started - (waited if waited > IDLE_DEQUEUE_S else 0.0))
-    return Outcome.RAN
+    return PollOutcome.RAN
 
 
 def report_service(job_s: float) -> None:
@@ -154,31 +154,39 @@ def report_service(job_s: float) -> None:
     rt.service.write(rt.client, rt.keys, rt.name)
 
 
-def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_cap_s: float = 5.0) -> int:
-    """Work jobs until ``stop`` is set (or, with ``burst``, until the queue is empty). Returns jobs done."""
-    done = 0
-    if threading.current_thread() is not threading.main_thread():
-        worker.death_penalty_class = TimerDeathPenalty  # SIGALRM timeouts only work on the main thread
-    worker.bootstrap(logging_level="WARNING")
-    log.info("cloud_worker_started", worker=worker.name, queues=worker.queue_names())
-    backoff = 0.1
-    worker.stop_event = stop
-    try:
-        while not stop.is_set():
-            try:
-                outcome = work_one(worker)
-                backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", worker=worker.name, error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, retry_cap_s)
-                continue
-            except StopRequested:
-                break
-            done += outcome is Outcome.RAN
-            if outcome is Outcome.IDLE and burst:
-                break
-    finally:
+class CloudLoop(RoleLoop):
+    """The role loop around RQ's job machinery: one job (or maintenance, or an idle poll) a step."""
+
+    log_name = "cloud_worker"
+    outage_errors = (redis.ConnectionError, redis.TimeoutError)
+
+    def __init__(self, worker: CloudWorker, stop: threading.Event, burst: bool, retry: RedisSettings | None):
+        self.worker, self.name, self.burst, self.retry = worker, worker.name, burst, retry or RedisSettings()
+        self.done = 0
+        worker.stop_event = stop
+
+    def redis_settings(self) -> RedisSettings:
+        return self.retry
+
+    def on_start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self.worker.death_penalty_class = TimerDeathPenalty  # SIGALRM timeouts only work on the main thread
+        self.worker.bootstrap(logging_level="WARNING")
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"queues": self.worker.queue_names()}
+
+    def run_once(self) -> None:
+        try:
+            outcome = work_one(self.worker)
+        except StopRequested:
+            raise LoopDone() from None
+        self.done += outcome is PollOutcome.RAN
+        if outcome is PollOutcome.IDLE and self.burst:
+            raise LoopDone()
+
+    def on_stop(self) -> None:
+        worker = self.worker
         try:
             worker.teardown()
         except redis.RedisError as exc:
@@ -186,5 +194,13 @@ def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry_c
             if worker.pubsub_thread is not None:
                 worker.pubsub_thread.stop()  # RQ's command listener would go on retrying the lost server
         install(None)
-    log.info("cloud_worker_stopped", worker=worker.name, jobs=done)
-    return done
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"jobs": self.done}
+
+
+def run(worker: CloudWorker, stop: threading.Event, burst: bool = False, retry: RedisSettings | None = None) -> int:
+    """Work jobs until ``stop`` is set (or, with ``burst``, until the queue is empty). Returns jobs done."""
+    loop = CloudLoop(worker, stop, burst, retry)
+    loop.run(stop)
+    return loop.done

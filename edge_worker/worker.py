@@ -8,7 +8,6 @@ so the alerts service removes duplicates.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,27 +16,22 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 import structlog
-from rq import Queue, Retry
-from rq.callbacks import Callback
-from rq.serializers import JSONSerializer
 
 from edge_worker.audit import LiveDmd
 from edge_worker.budget import Router
 from edge_worker.decode import DecodedFrame, decode_entry
 from fallwatch.images import PoisonInput
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import EdgeMetrics
+from fallwatch.offload import enqueue_offload
+from fallwatch.role import RoleLoop
 from fallwatch.runtime import Heartbeat, worker_name
-from fallwatch.schemas import DeadLetter, EdgeVerdict, OffloadRequest, encode, to_dict
+from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode
 from fallwatch.settings import Settings
+from fallwatch.streams import ensure_group, job_queue, write_dead_letter
 from switcher.publish import SwitcherWatcher
 
 log = structlog.get_logger(__name__)
-
-# The cloud worker's job functions, named by string: the edge never imports cloud code.
-OFFLOAD_JOB = "cloud_worker.jobs.score_offloads"
-OFFLOAD_FAILED = "cloud_worker.jobs.on_offload_failure"
-
 
 class Scorer(Protocol):
     model_id: str
@@ -52,7 +46,7 @@ class AgreementModel(Protocol):
 
 
 @dataclass
-class StepResult:
+class EdgeStepReport:
     read: int = 0
     scored: int = 0
     confident: int = 0
@@ -65,8 +59,11 @@ class StepResult:
     audited: int = 0
 
 
-class EdgeWorker:
+class EdgeWorker(RoleLoop):
     """One consumer of the edge group. Drive it with :meth:`run` or, in tests, :meth:`step`."""
+
+    log_name = "edge_worker"
+    outage_errors = (redis.ConnectionError, redis.TimeoutError)
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, model: Scorer,
                  switcher: AgreementModel | None = None, name: str | None = None,
@@ -78,8 +75,7 @@ class EdgeWorker:
         self.model = model
         self.switcher = switcher
         self.name = name or worker_name("edge")
-        self.queues = [Queue(q, connection=client, serializer=JSONSerializer)
-                       for q in keys.offload_queues(settings.cloud.queue)]
+        self.queues = [job_queue(client, q) for q in keys.offload_queues(settings.cloud.queue)]
         self.queue = self.queues[0]
         self.router = Router(settings, client, keys, [q.key for q in self.queues], default_target(settings, switcher))
         self._last_claim = 0.0
@@ -93,11 +89,7 @@ class EdgeWorker:
 
     # --- set-up ------------------------------------------------------------------------
     def ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.keys.frames_stream(), self.keys.edge_group(), id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.client, self.keys.frames_stream(), self.keys.edge_group())
 
     def threshold_for(self, camera_id: str) -> float | None:
         if camera_id in self._thresholds:
@@ -112,7 +104,7 @@ class EdgeWorker:
         block = self.cfg.block_ms if block_ms is None else block_ms
         resp = self.client.xreadgroup(self.keys.edge_group(), self.name, {self.keys.frames_stream(): ">"},
                                       count=self.cfg.batch_size, block=block or None)
-        return [(_s(eid), fields) for _stream, entries in (resp or []) for eid, fields in entries]
+        return [(text(eid), fields) for _stream, entries in (resp or []) for eid, fields in entries]
 
     def claim(self) -> list[tuple[str, dict]]:
         """Entries left pending by dead consumers for longer than claim_idle_ms."""
@@ -124,8 +116,8 @@ class EdgeWorker:
             deleted += self._trimmed_own_pending()
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
-            self.client.incrby(self.keys.counter("frames_trimmed_pending"), len(deleted))
-        return [(_s(eid), fields) for eid, fields in entries if fields]
+            self.client.incrby(self.keys.frames_trimmed_pending(), len(deleted))
+        return [(text(eid), fields) for eid, fields in entries if fields]
 
     def _trimmed_own_pending(self) -> list[bytes]:
         """Ids pending for this consumer whose entries are gone. Redis 6.2's XAUTOCLAIM hands them over
@@ -139,7 +131,7 @@ class EdgeWorker:
         return [p["message_id"] for p, found in zip(pending, pipe.execute()) if not found]
 
     # --- processing --------------------------------------------------------------------
-    def step(self, block_ms: int | None = None) -> StepResult:
+    def step(self, block_ms: int | None = None) -> EdgeStepReport:
         """Claim stale entries when due, else read new ones; process one batch."""
         self.reload_switcher()
         now = time.monotonic()
@@ -159,8 +151,8 @@ class EdgeWorker:
         if swapped is not None:
             self.switcher, self.switcher_version = swapped, swapped.version
 
-    def process(self, entries: list[tuple[str, dict]]) -> StepResult:
-        result = StepResult(read=len(entries), entry_ids=[e for e, _ in entries])
+    def process(self, entries: list[tuple[str, dict]]) -> EdgeStepReport:
+        result = EdgeStepReport(read=len(entries), entry_ids=[e for e, _ in entries])
         if not entries:
             return result
         frames = self._decode_all(entries, result)
@@ -169,7 +161,7 @@ class EdgeWorker:
         self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
         return result
 
-    def _decode_all(self, entries: list[tuple[str, dict]], result: StepResult) -> list[DecodedFrame]:
+    def _decode_all(self, entries: list[tuple[str, dict]], result: EdgeStepReport) -> list[DecodedFrame]:
         frames = []
         for entry_id, fields in entries:
             try:
@@ -180,13 +172,11 @@ class EdgeWorker:
         return frames
 
     def dead_letter(self, entry_id: str, reason: str, error: str) -> None:
-        letter = DeadLetter(source=self.keys.frames_stream(), entry_id=entry_id, reason=reason, error=error,
-                            worker=self.name)
-        self.client.xadd(self.keys.dead_letter_stream(), encode(letter), maxlen=100_000, approximate=True)
+        write_dead_letter(self.client, self.keys.dead_letter_stream(), self.keys.frames_stream(), entry_id, reason,
+                          error, self.name)
         self.metrics.dead_letter(reason)
-        log.warning("frame_dead_lettered", entry_id=entry_id, reason=reason, error=error)
 
-    def _score_and_publish(self, frames: list[DecodedFrame], result: StepResult) -> None:
+    def _score_and_publish(self, frames: list[DecodedFrame], result: EdgeStepReport) -> None:
         scores = self.model.score([f.image for f in frames])
         agreement = self.switcher.agreement(scores.features) if self.switcher is not None else None
         per_item_ms = scores.wall_s * 1000 / len(frames)
@@ -204,7 +194,7 @@ class EdgeWorker:
         self.metrics.observe_batch(len(frames), scores.wall_s)
         self.metrics.observe_decisions(result.confident, result.offloaded)
 
-    def _plan(self, frames: list[DecodedFrame], verdicts: list[EdgeVerdict], result: StepResult):
+    def _plan(self, frames: list[DecodedFrame], verdicts: list[EdgeVerdict], result: EdgeStepReport):
         """Rank the would-be offloads, keep on the edge what the budget or backpressure refuses;
         the rest as (frame, verdict, rank, debited GPU seconds), highest priority first."""
         wanted = [i for i, v in enumerate(verdicts) if not v.confident]
@@ -275,16 +265,10 @@ class EdgeWorker:
         for rank, queue in enumerate(self.queues):
             self._enqueue_on(queue, [r for r in requests if min(r.rank, len(self.queues) - 1) == rank])
 
-    def _enqueue_on(self, queue: Queue, requests: list[OffloadRequest]) -> None:
+    def _enqueue_on(self, queue: Any, requests: list[OffloadRequest]) -> None:
         size = self.settings.cloud.batch_size
         for start in range(0, len(requests), size):
-            chunk = [to_dict(r) for r in requests[start:start + size]]
-            retry = Retry(max=self.settings.cloud.retries) if self.settings.cloud.retries else None
-            queue.enqueue(
-                OFFLOAD_JOB, chunk, job_timeout=self.settings.cloud.job_timeout_s, retry=retry,
-                on_failure=Callback(OFFLOAD_FAILED), result_ttl=300, failure_ttl=86400,
-                ttl=int(self.settings.alerts.cloud_timeout_s) + 60,
-            )
+            enqueue_offload(queue, requests[start:start + size], self.settings)
 
     # --- liveness ----------------------------------------------------------------------
     def heartbeat(self, force: bool = False) -> None:
@@ -292,30 +276,28 @@ class EdgeWorker:
             for queue in self.queues:
                 self.metrics.set_queue_depth(queue.name, queue.count)
 
-    def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set. Redis outages are retried, never fatal."""
+    # --- the role loop (fallwatch.role.RoleLoop.run) ----------------------------------
+    def on_start(self) -> None:
         self.ensure_group()
         self.heartbeat(force=True)
-        log.info("edge_worker_started", worker=self.name, model=self.model.model_id,
-                 switcher=self.switcher is not None, batch_size=self.cfg.batch_size)
-        backoff = self.settings.redis.retry_base_s
-        while not stop.is_set():
-            try:
-                self.step()
-                backoff = self.settings.redis.retry_base_s
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis_unavailable", worker=self.name, error=str(exc), retry_in_s=backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.settings.redis.retry_cap_s)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"model": self.model.model_id, "switcher": self.switcher is not None, "batch_size": self.cfg.batch_size}
+
+    def run_once(self) -> EdgeStepReport | None:
+        try:
+            return self.step()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()  # the server lost its data (e.g. restarted without AOF)
+            return None
+
+    def on_stop(self) -> None:
         try:
             self.beat.clear()
         except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
             log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
-        log.info("edge_worker_stopped", worker=self.name)
 
 
 def default_target(settings: Settings, switcher: AgreementModel | None) -> float | None:
@@ -325,7 +307,3 @@ def default_target(settings: Settings, switcher: AgreementModel | None) -> float
     calibration = (getattr(switcher, "card", None) or {}).get("calibration") or {}
     fraction = calibration.get("offload_fraction")
     return float(fraction) if fraction else None
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

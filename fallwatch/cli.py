@@ -138,8 +138,9 @@ def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
 def _heartbeat_health(role: str):
     def checker(settings, handle: RedisHandle) -> dict[str, object]:
         check(handle.client, settings.redis.min_server_version)
-        pattern = Keys(settings.redis.key_prefix).heartbeat_pattern(role)
-        alive = sorted(k.decode().rsplit(":", 1)[-1] for k in handle.client.scan_iter(match=pattern, count=1000))
+        keys = Keys(settings.redis.key_prefix)
+        pattern = keys.heartbeat_pattern(role)
+        alive = sorted(keys.heartbeat_of(k)[1] for k in handle.client.scan_iter(match=pattern, count=1000))
         if not alive:
             raise RedisUnavailable(f"no live {role} worker (no heartbeat under {pattern})")
         return {"workers": alive}
@@ -187,7 +188,7 @@ def demo(
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up waiting for final verdicts after this.")] = 150.0,
 ) -> None:
     """Run the whole system end to end on synthetic data and tiny models (or yours), then summarise."""
-    from fallwatch.demo import DemoConfig, run_demo
+    from fallwatch.demo import DemoConfig, run_demo  # noqa: PLC0415 - the demo pulls in every component
 
     cfg = DemoConfig(workdir=workdir, edge=edge, cloud=cloud, cloud_device=cloud_device, dataset=dataset,
                      clips=clips, timeout_s=timeout_s)
@@ -269,7 +270,7 @@ def _load_plugins() -> None:
     for ep in entry_points(group="fallwatch.cli"):
         try:
             ep.load()(app)
-        except Exception as exc:  # a broken component must not take the whole CLI down
+        except Exception as exc:  # noqa: BLE001 - a broken component must not take the whole CLI down
             print(f"fallwatch: sub-commands of {ep.name!r} are unavailable: {exc}", file=sys.stderr)
 
 

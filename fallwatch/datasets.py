@@ -348,8 +348,6 @@ def _videos_in(folder: Path) -> list[Path]:
 
 def read_clip_frames(path: Path, num_frames: int | None = None) -> np.ndarray:
     """Frames of a video as TxHxWx3 uint8 RGB; ``num_frames`` samples uniformly over the clip."""
-    import av  # lazily: video support is optional
-
     if num_frames is not None and num_frames < 1:
         raise DatasetError(f"{path}: num_frames must be >= 1, got {num_frames}")
     total = _count_frames(path)
@@ -373,7 +371,7 @@ def _uniform_indices(total: int, num_frames: int | None) -> list[int]:
 
 
 def _open(path: Path):
-    import av
+    import av  # noqa: PLC0415 - lazily: video support is optional
 
     try:
         container = av.open(str(path))
@@ -405,7 +403,7 @@ def _count_decoded(path: Path) -> int:
 
 
 def _decode(path: Path, keep: set[int]) -> dict[int, np.ndarray]:
-    import av
+    import av  # noqa: PLC0415 - lazily: video support is optional
 
     container = _open(path)
     frames: dict[int, np.ndarray] = {}

@@ -188,7 +188,7 @@ def run_live(cfg: DemoConfig, base_env: dict[str, str], switcher: Path) -> dict[
 
 
 def _ingested(client: redis.Redis, keys: Keys, camera: str) -> int:
-    return int(client.get(keys.counter(f"ingest:{camera}:items")) or 0)
+    return int(client.get(keys.camera_counter(camera, "items")) or 0)
 
 
 def _wait_for_workers(client: redis.Redis, keys: Keys, roles: tuple[str, ...], deadline: float) -> None:
@@ -236,11 +236,11 @@ def summarise(client: redis.Redis, keys: Keys, camera: str, delivered: int) -> d
         "lost": ingested - len(unique),
         "latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
                        "p99": round(float(np.percentile(latency, 99)), 1)},
-        "f1": f1_score(finals),
+        "f1": finals_f1(finals),
     }
 
 
-def f1_score(finals: list[FinalVerdict]) -> float | None:
+def finals_f1(finals: list[FinalVerdict]) -> float | None:
     scored = [(v.is_fall, v.gt_fall) for v in finals if v.gt_fall is not None]
     tp = sum(p and t for p, t in scored)
     fp = sum(p and not t for p, t in scored)

@@ -27,7 +27,7 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             fmt, size = img.format, img.size
     except Image.DecompressionBombError as exc:
         raise PoisonInput("oversized", f"image pixels exceed limits: {exc}") from None
-    except Exception as exc:  # PIL raises many types for garbage
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
         raise PoisonInput("bad_image", f"unreadable image header: {exc}") from None
     if fmt != "JPEG":
         raise PoisonInput("bad_image", f"not a JPEG but {fmt}")
@@ -49,5 +49,5 @@ def decode_rgb_array(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.array(img.convert("RGB"))  # writable: torch refuses read-only arrays
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
         raise PoisonInput("bad_image", f"corrupt JPEG: {exc}") from None

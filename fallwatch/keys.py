@@ -6,7 +6,20 @@ All names live under a configurable prefix, so several deployments can share a s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
+
+def text(value: object) -> str:
+    """A Redis reply value (a key, field or member) as str: bytes decoded (bad UTF-8 replaced), None as ""."""
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+CameraCounter = Literal["items", "frames", "gated", "dropped", "trimmed", "seq"]
+"""Per-camera ingest counters: stream entries, images in them, still frames skipped, frames dropped
+by a full live buffer, entries trimmed unread by MAXLEN; ``seq`` allocates frame numbers."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,8 @@ class Keys:
     def audit_done(self, frame_id: str) -> str:
         """Marker that an audit verdict of a frame was applied (a redelivery changes nothing)."""
         return self._k("audit", frame_id)
+
+    # --- cloud budget and backpressure ---------------------------------------------------
     def offload_queues(self, base: str = "cloud") -> list[str]:
         """Offload queues in priority order (cloud workers listen in this order): rank 0 = the edge says
         no fall with low agreement (a fall may be missed), rank 1 = the edge says fall with low agreement."""
@@ -237,3 +252,40 @@ class Keys:
     def cloud_service(self) -> str:
         """Hash: per cloud worker, its recent measured seconds per item and per job (JSON), for the edge."""
         return self._k("cloud", "service")
+
+    # --- typed counters ------------------------------------------------------------------
+    def camera_counter(self, camera_id: str, name: CameraCounter) -> str:
+        """One camera's ingest counter (see :data:`CameraCounter`)."""
+        return self.counter(f"ingest:{camera_id}:{name}")
+
+    def frames_trimmed_unread(self) -> str:
+        """Frames MAXLEN trimmed from the frames stream before the edge group read them (all cameras)."""
+        return self.counter("frames_trimmed_unread")
+
+    def frames_trimmed_pending(self) -> str:
+        """Frames trimmed while delivered but unacknowledged (found by an edge worker's XAUTOCLAIM)."""
+        return self.counter("frames_trimmed_pending")
+
+    # --- parsing keys back apart ----------------------------------------------------------
+    def parse(self, key: bytes | str, pattern: str) -> tuple[str, ...]:
+        """What the ``*`` of ``pattern`` (a key built here with ``*`` parts) stand for in ``key``.
+
+        Every ``*`` but the last matches one colon-free part; the last matches the rest.
+        ValueError when ``key`` does not fit the pattern.
+        """
+        name = text(key)
+        parts = [re.escape(p) for p in pattern.split("*")]
+        wild = ["([^:]+)"] * (len(parts) - 2) + ["(.+)"]
+        found = re.fullmatch(parts[0] + "".join(w + p for w, p in zip(wild, parts[1:])), name)
+        if found is None:
+            raise ValueError(f"key {name!r} does not match {pattern!r}")
+        return found.groups()
+
+    def heartbeat_of(self, key: bytes | str) -> tuple[str, str]:
+        """(role, worker name) of a heartbeat key."""
+        role, name = self.parse(key, self.heartbeat_pattern())
+        return role, name
+
+    def camera_of_info(self, key: bytes | str) -> str:
+        """The camera id of a :meth:`camera_info` key."""
+        return self.parse(key, self.camera_info("*"))[0]

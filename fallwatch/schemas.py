@@ -12,9 +12,12 @@ import json
 import time
 import uuid
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fallwatch.keys import text
 
 SCHEMA_VERSION = 1
 
@@ -326,3 +329,178 @@ def decode(fields: dict[Any, Any], expect: type[Message] | None = None) -> tuple
 def to_dict(msg: Message) -> dict[str, Any]:
     """JSON-safe dict (for RQ job arguments and pub/sub)."""
     return json.loads(msg.to_json())
+
+
+# --- the outbox, Redis hashes and stored state, versioned like the messages ---------------------
+# The alerts channel's pub/sub payload is an AlertEvent's JSON (``to_json``): its ``v`` is the version.
+
+
+class Delivery(Message):
+    """One notification owed on one channel (an entry of the notify outbox stream)."""
+
+    type_name: ClassVar[str] = "delivery"
+    event_id: str = Field(..., min_length=1)
+    channel: str = Field(..., min_length=1)
+    camera_id: str = Field(..., min_length=1)
+    kind: EventKind
+    title: str
+    body: str
+    frame_id: str | None = None
+    created_at: float = Field(default_factory=now)
+    tier: int = Field(0, ge=0, description="Escalation tier of a fall notification (0: not a fall).")
+
+    @property
+    def marker_id(self) -> str:
+        """What the ``delivered`` marker is named after: each tier of an event is delivered once."""
+        return self.event_id if self.tier <= 1 else f"{self.event_id}:tier{self.tier}"
+
+
+MESSAGE_TYPES[Delivery.type_name] = Delivery
+
+
+class HashRecord(BaseModel):
+    """A Redis hash as a versioned model: one hash field per model field, values as text, ``v`` the
+    schema version. A writer may write some fields only (HSET merges them), so a field this model
+    does not name is left alone when read. A hash written before versioning (no ``v``) reads as
+    version 1; an empty value reads as unset."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version.")
+
+    def to_hash(self) -> dict[str, str]:
+        """``v`` and the fields given to this record, as hash values."""
+        data = self.model_dump(mode="json", include={"v", *self.model_fields_set})
+        return {k: _hash_value(v) for k, v in data.items()}
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> Self:
+        """Parse HGETALL's reply. Raises SchemaError for another version or a bad value."""
+        fields = {text(k): text(v) for k, v in raw.items()}
+        version = fields.pop("v", str(SCHEMA_VERSION))
+        if version != str(SCHEMA_VERSION):
+            raise SchemaError(f"unsupported schema version {version!r} of {cls.__name__} (this build speaks {SCHEMA_VERSION})")
+        try:
+            return cls.model_validate({k: v for k, v in fields.items() if v != ""})
+        except ValidationError as exc:
+            raise SchemaError(f"invalid {cls.__name__}: {_summary(exc)}") from None
+
+
+def _hash_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class CameraInfo(HashRecord):
+    """``keys.camera_info``: a camera's last status (written by ingest's status reporter) and its
+    last frame (written by its publisher)."""
+
+    state: CameraState | None = None
+    reason: str = Field("", max_length=1000)
+    changed_at: float | None = None
+    name: str = ""
+    source: str = ""
+    sample_fps: float | None = Field(None, ge=0)
+    fps: float | None = Field(None, ge=0, description="Input fps; an offline camera keeps its last one.")
+    last_frame_at: float | None = None
+    last_frame_id: str | None = None
+
+
+class EventRecord(HashRecord):
+    """``keys.event``: an alert event's latest AlertEvent (``m``, JSON) and the fields it is found by."""
+
+    m: str = Field(..., min_length=2, description="The latest AlertEvent of the event, as JSON.")
+    type: EventType
+    kind: EventKind
+    camera_id: str
+    started_at: float
+    at: float
+    acknowledged: bool = False
+    acknowledged_by: str = ""
+    active: bool = Field(..., description="False once the event has ended.")
+    outcome: str = Field("", description="What a person found when they resolved it; empty until then.")
+
+    @classmethod
+    def of(cls, event: AlertEvent, active: bool) -> "EventRecord":
+        return cls(m=event.to_json().decode(), type=event.type, kind=event.kind, camera_id=event.camera_id,
+                   started_at=event.started_at, at=event.at, acknowledged=event.acknowledged,
+                   acknowledged_by=event.acknowledged_by or "", active=active,
+                   outcome=event.outcome.value if event.outcome else "")
+
+    def event(self) -> AlertEvent:
+        return AlertEvent.from_json(self.m)
+
+
+class StatsCounts(BaseModel):
+    """``keys.stats``: counters HINCRBY'd once per final verdict: ``finals``, ``scored`` (with ground
+    truth), the confusion counts, ``offloaded``, ``by:<decider>`` and ``lat:<bucket>`` (latency
+    histogram). The hash holds counters only, so a ``v`` field is written by nobody and read as 1."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    BY_PREFIX: ClassVar[str] = "by:"
+    LAT_PREFIX: ClassVar[str] = "lat:"
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version.")
+    finals: int = 0
+    scored: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+    offloaded: int = 0
+    by_decider: dict[str, int] = Field(default_factory=dict)
+    latency: dict[int, int] = Field(default_factory=dict, description="Histogram bucket -> frames.")
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> "StatsCounts":
+        """Parse HGETALL's reply; an unreadable counter counts 0, an unknown name is left out."""
+        counts = {text(k): _count(v) for k, v in raw.items()}
+        plain = {k: n for k, n in counts.items() if k in cls.model_fields and k not in ("v", "by_decider", "latency")}
+        by = {k[len(cls.BY_PREFIX):]: n for k, n in counts.items() if k.startswith(cls.BY_PREFIX)}
+        lat = {int(k[len(cls.LAT_PREFIX):]): n for k, n in counts.items()
+               if k.startswith(cls.LAT_PREFIX) and k[len(cls.LAT_PREFIX):].isdigit()}
+        return cls(**plain, by_decider=by, latency=lat)
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(float(text(value)))
+    except ValueError:
+        return 0
+
+
+class Observation(BaseModel):
+    """One final verdict as the alert state machine remembers it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    frame_id: str
+    at: float
+    fall: bool
+    p: float
+    by: Decider
+
+    @classmethod
+    def of(cls, v: FinalVerdict) -> "Observation":
+        return cls(frame_id=v.frame_id, at=v.captured_at, fall=v.is_fall, p=v.p_fall, by=v.decided_by)
+
+    @property
+    def order(self) -> tuple[float, str]:
+        return (self.at, self.frame_id)
+
+
+class CameraAlertState(BaseModel):
+    """Everything the alert state machine keeps for one camera (JSON in ``keys.camera_state``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version (state stored before it reads as 1).")
+    history: tuple[Observation, ...] = ()
+    fall_event: str | None = None
+    last_fall_at: float = 0.0
+    cooldown_until: float = 0.0
+    offline_event: str | None = None
+    fall_unseen: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.fall_event is not None or self.offline_event is not None

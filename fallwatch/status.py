@@ -17,13 +17,13 @@ from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
-from rq import Queue, Worker
-from rq.serializers import JSONSerializer
+from rq import Worker
 
 from fallwatch.budget import read_service
-from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, SchemaError, decode
+from fallwatch.keys import Keys, text
+from fallwatch.schemas import AlertEvent, CameraInfo, SchemaError, StatsCounts, decode
 from fallwatch.settings import IngestSettings, Settings
+from fallwatch.streams import job_queue
 
 DEFAULT_EVENTS = 10
 
@@ -156,29 +156,16 @@ def drift_rows(client: redis.Redis, keys: Keys) -> list[DriftRow]:
         fields = {k: v for k, v in data.items() if k in DriftRow.model_fields}
         rows.append(DriftRow(**fields, drifting=data.get("event_id") is not None))
     return rows
-    budget: BudgetRow | None = Field(None, description="The cloud budget: mode, hard bucket level, items kept.")
 
 
 # --- gathering -----------------------------------------------------------------------------------
 
 
-def _s(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _float(value: bytes | str | None) -> float | None:
     try:
-        return float(_s(value)) if _s(value) else None
+        return float(text(value)) if text(value) else None
     except ValueError:
         return None
-
-
-def _between(key: str, pattern: str) -> str:
-    """The part of ``key`` matched by the single ``*`` of ``pattern``."""
-    head, _, tail = pattern.partition("*")
-    return key[len(head):len(key) - len(tail)] if tail else key[len(head):]
 
 
 def redis_info(client: redis.Redis) -> RedisInfo:
@@ -190,8 +177,7 @@ def redis_info(client: redis.Redis) -> RedisInfo:
 def camera_ids(client: redis.Redis, keys: Keys, settings: Settings) -> list[str]:
     """Configured cameras first, then any other camera ingest has reported on."""
     ids = [c.id for c in settings.cameras]
-    pattern = keys.camera_info("*")
-    seen = sorted(_between(_s(k), pattern) for k in client.scan_iter(match=pattern, count=1000))
+    seen = sorted(keys.camera_of_info(k) for k in client.scan_iter(match=keys.camera_info("*"), count=1000))
     return ids + [cid for cid in seen if cid not in ids]
 
 
@@ -201,19 +187,21 @@ def _stale_after_s(ing: IngestSettings) -> float:
 
 
 def camera_row(client: redis.Redis, keys: Keys, settings: Settings, camera_id: str, now: float) -> CameraRow:
-    info = {_s(k): _s(v) for k, v in client.hgetall(keys.camera_info(camera_id)).items()}
+    try:
+        info = CameraInfo.from_hash(client.hgetall(keys.camera_info(camera_id)))
+    except SchemaError:  # written by another version: shown as unknown
+        info = CameraInfo()
     configured = {c.id: c for c in settings.cameras}
     cam = configured.get(camera_id)
-    last = _float(info.get("last_frame_at"))
+    last = info.last_frame_at
     age = max(0.0, now - last) if last is not None else None
-    state = info.get("state") or "unknown"
+    state = info.state.value if info.state else "unknown"
     ing = settings.effective_ingest(cam) if cam else settings.ingest
     stale = state == "online" and (age is None or age > _stale_after_s(ing))
     return CameraRow(
-        id=camera_id, name=info.get("name") or (cam.display_name if cam else camera_id), configured=cam is not None,
-        state=state, online=state == "online" and not stale, stale=stale, fps=_float(info.get("fps")),
-        sample_fps=_float(info.get("sample_fps")), last_frame_at=last, last_frame_age_s=age,
-        reason=info.get("reason", ""),
+        id=camera_id, name=info.name or (cam.display_name if cam else camera_id), configured=cam is not None,
+        state=state, online=state == "online" and not stale, stale=stale, fps=info.fps,
+        sample_fps=info.sample_fps, last_frame_at=last, last_frame_age_s=age, reason=info.reason,
     )
 
 
@@ -229,7 +217,7 @@ def stream_names(keys: Keys) -> dict[str, str]:
 def _group_lag(group: dict[Any, Any], last_generated: str) -> int | None:
     if "lag" in group:
         return None if group["lag"] is None else int(group["lag"])
-    return 0 if _s(group.get("last-delivered-id")) == last_generated else None
+    return 0 if text(group.get("last-delivered-id")) == last_generated else None
 
 
 def stream_row(client: redis.Redis, name: str, key: str) -> StreamRow:
@@ -237,17 +225,17 @@ def stream_row(client: redis.Redis, name: str, key: str) -> StreamRow:
         info = client.xinfo_stream(key)
     except redis.ResponseError:  # no such stream yet
         return StreamRow(name=name, key=key, length=0, groups=[])
-    last_generated = _s(info.get("last-generated-id"))
+    last_generated = text(info.get("last-generated-id"))
     groups = [
-        GroupRow(name=_s(g["name"]), consumers=int(g["consumers"]), pending=int(g["pending"]),
-                 lag=_group_lag(g, last_generated), last_delivered_id=_s(g.get("last-delivered-id")))
+        GroupRow(name=text(g["name"]), consumers=int(g["consumers"]), pending=int(g["pending"]),
+                 lag=_group_lag(g, last_generated), last_delivered_id=text(g.get("last-delivered-id")))
         for g in client.xinfo_groups(key)
     ]
     return StreamRow(name=name, key=key, length=int(info["length"]), groups=groups)
 
 
 def queue_row(client: redis.Redis, keys: Keys, settings: Settings) -> QueueRow:
-    q = Queue(keys.cloud_queue(settings.cloud.queue), connection=client, serializer=JSONSerializer)
+    q = job_queue(client, keys.cloud_queue(settings.cloud.queue))
     return QueueRow(
         name=q.name, depth=q.count, started=q.started_job_registry.get_job_count(cleanup=False),
         failed=q.failed_job_registry.get_job_count(cleanup=False), workers=Worker.count(connection=client, queue=q),
@@ -255,19 +243,17 @@ def queue_row(client: redis.Redis, keys: Keys, settings: Settings) -> QueueRow:
 
 
 def worker_rows(client: redis.Redis, keys: Keys) -> list[WorkerRow]:
-    pattern = keys.heartbeat_pattern()
-    head = pattern.split("*", 1)[0]
     rows = []
-    for raw in sorted(client.scan_iter(match=pattern, count=1000)):
-        key = _s(raw)
-        role, _, name = key[len(head):].partition(":")
+    for raw in sorted(client.scan_iter(match=keys.heartbeat_pattern(), count=1000)):
+        key = text(raw)
+        role, name = keys.heartbeat_of(key)
         pipe = client.pipeline(transaction=False)
         pipe.get(key).pttl(key).get(keys.metrics_endpoint(role, name))
         beat, pttl, endpoint = pipe.execute()
         if beat is None:  # expired between SCAN and GET
             continue
         rows.append(WorkerRow(role=role, name=name, last_beat_at=_float(beat),
-                              ttl_s=pttl / 1000 if pttl and pttl > 0 else None, metrics=_s(endpoint) or None))
+                              ttl_s=pttl / 1000 if pttl and pttl > 0 else None, metrics=text(endpoint) or None))
     return rows
 
 
@@ -277,10 +263,10 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
         try:
             ev, _ = decode(fields, expect=AlertEvent)
         except SchemaError as exc:
-            problems.append(f"alerts entry {_s(entry_id)}: {exc}")
+            problems.append(f"alerts entry {text(entry_id)}: {exc}")
             continue
         rows.append(EventRow(
-            entry_id=_s(entry_id), event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
+            entry_id=text(entry_id), event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
             camera_id=ev.camera_id, camera_name=ev.camera_name or ev.camera_id, at=ev.at,
             confidence=ev.confidence, decided_by=ev.decided_by.value if ev.decided_by else None,
             acknowledged=ev.acknowledged, escalation_tier=ev.escalation_tier, escalation_tiers=ev.escalation_tiers,
@@ -292,16 +278,9 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, problems: list[st
 
 def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
     """Final-verdict counts from the alerts service's stats hash."""
-    raw = {_s(k): _s(v) for k, v in client.hgetall(keys.stats()).items()}
-
-    def count(name: str) -> int:
-        try:
-            return int(float(raw.get(name, 0)))
-        except ValueError:
-            return 0
-
-    finals, offloaded = count("finals"), count("offloaded")
-    by = {k.partition(":")[2]: count(k) for k in sorted(raw) if k.startswith("by:")}
+    counts = StatsCounts.from_hash(client.hgetall(keys.stats()))
+    finals, offloaded = counts.finals, counts.offloaded
+    by = dict(sorted(counts.by_decider.items()))
     return ScoringRow(finals=finals, offloaded=offloaded, offload_rate=offloaded / finals if finals else None,
                       by_decider=by)
 

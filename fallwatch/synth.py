@@ -360,7 +360,7 @@ def clip_poses(fall: bool, variant: int, n: int) -> list[tuple[dict[str, Point],
 
 
 def write_clip(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    import av
+    import av  # noqa: PLC0415 - lazily: video support is optional
 
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w") as container:
@@ -408,7 +408,7 @@ def write_clips(cfg: SynthConfig, out: Path, tick: Callable[[], None] = lambda: 
 
 def make_dataset(cfg: SynthConfig, out: Path, progress: bool = False) -> SynthSummary:
     """Write the whole synthetic dataset under ``out`` (created if needed)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - only when writing a dataset
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

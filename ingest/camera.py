@@ -14,8 +14,9 @@ import structlog
 
 from fallwatch.keys import Keys
 from fallwatch.settings import CameraSettings, IngestSettings, Settings
+from fallwatch.streams import Backoff
 from ingest.masks import Masker
-from ingest.pipeline import Backoff, run_pipeline
+from ingest.pipeline import run_pipeline
 from ingest.publisher import Publisher
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord, clean_error
 from ingest.sampling import FpsSampler, Pacer
@@ -49,7 +50,7 @@ def run_camera(settings: Settings, cam: CameraSettings, client: redis.Redis, key
         status.offline(clean_error(str(exc), url))
         return
     status.source = source.name
-    publisher = Publisher(client, keys, cam.id, ing, stop)
+    publisher = Publisher(client, keys, cam.id, ing, stop, retry=settings.redis)
     buffer = FrameBuffer(buffer_capacity(ing), BufferPolicy.DROP_OLDEST)
 
     def capture(buf: FrameBuffer, halt: threading.Event) -> None:
@@ -117,7 +118,19 @@ def run_cameras(settings: Settings, cameras: list[CameraSettings], client: redis
 
 def _run_guarded(settings: Settings, cam: CameraSettings, client: redis.Redis, keys: Keys,
                  stop: threading.Event) -> None:
-    try:
-        run_camera(settings, cam, client, keys, stop)
-    except Exception:
-        log.exception("camera_crashed", camera=cam.id)
+    """:func:`run_camera` until ``stop``; a crash is reported offline (an alert, as for a dead stream)
+    and the camera is restarted with the reconnect backoff (reset after a run longer than its cap)."""
+    ing = settings.effective_ingest(cam)
+    backoff = Backoff(ing.reconnect_base_s, ing.reconnect_cap_s)
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            run_camera(settings, cam, client, keys, stop)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must not end a camera for good
+            reason = clean_error(exc, cam.url.get_secret_value())
+            log.exception("camera_crashed", camera=cam.id, reason=reason)
+        if time.monotonic() - started > ing.reconnect_cap_s:
+            backoff.reset()
+        StatusReporter(client, keys, cam.id, name=cam.display_name).offline(f"camera crashed: {reason}")
+        stop.wait(backoff.next())

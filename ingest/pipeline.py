@@ -15,23 +15,6 @@ log = structlog.get_logger(__name__)
 Producer = Callable[[FrameBuffer, threading.Event], None]
 
 
-class Backoff:
-    """Capped exponential backoff: base, 2*base, 4*base, ... up to cap; :meth:`reset` after success."""
-
-    def __init__(self, base: float, cap: float):
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2 ** self.attempt))
-        self.attempt = min(self.attempt + 1, 62)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 def run_pipeline(name: str, producer: Producer, buffer: FrameBuffer, publisher: Publisher,
                  stop: threading.Event, limit: int | None = None, poll_s: float = 0.5) -> None:
     """Run ``producer(buffer, halt)`` in its own thread and publish what it buffers, in this thread.

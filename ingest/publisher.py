@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import IngestMetrics
-from fallwatch.schemas import FrameMessage, ItemKind, encode
-from fallwatch.settings import IngestSettings
+from fallwatch.schemas import CameraInfo, FrameMessage, ItemKind, encode
+from fallwatch.settings import IngestSettings, RedisSettings
+from fallwatch.streams import Backoff, id_tuple
 from ingest.jpeg import encode_jpeg
 from ingest.records import FrameRecord, SeqAllocator
 from ingest.sampling import ClipAssembler, MotionGate
@@ -40,21 +41,10 @@ class PublishStats:
     trimmed: int = 0  # items trimmed from the stream by MAXLEN before the edge group read them
 
 
-def counter_names(camera_id: str) -> dict[str, str]:
-    """Counter names (for ``Keys.counter``) of one camera, by PublishStats field."""
-    return {f: f"ingest:{camera_id}:{f}" for f in ("items", "frames", "gated", "dropped", "trimmed")}
-
-
 def clip_label(parts: list[FrameRecord]) -> bool | None:
     """Ground truth of an item: fall if any frame is, unknown if no frame is labelled."""
     labels = [p.gt_fall for p in parts if p.gt_fall is not None]
     return any(labels) if labels else None
-
-
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 # KEYS: frames stream, total trimmed-unread counter. ARGV: maxlen, chunk, most entries trimmed per
@@ -111,7 +101,8 @@ class Publisher:
 
     def __init__(self, client: redis.Redis, keys: Keys, camera_id: str, ing: IngestSettings,
                  stop: threading.Event, *, clips: bool | None = None, gating: bool | None = None,
-                 max_pending: int | None = None, metrics: IngestMetrics | None = None):
+                 max_pending: int | None = None, metrics: IngestMetrics | None = None,
+                 retry: RedisSettings | None = None):
         self.client = client
         self.metrics = metrics or IngestMetrics.create()
         self.keys = keys
@@ -119,7 +110,7 @@ class Publisher:
         self.ing = ing
         self.stop = stop
         self.stats = PublishStats()
-        self.seq = SeqAllocator(client, keys.counter(f"ingest:{camera_id}:seq"))
+        self.seq = SeqAllocator(client, keys.camera_counter(camera_id, "seq"))
         use_clips = ing.clip.enabled if clips is None else clips
         use_gate = ing.motion_gating if gating is None else gating
         self.clips = ClipAssembler(ing.clip.frames, ing.clip.stride) if use_clips else None
@@ -128,6 +119,7 @@ class Publisher:
         self._recent: deque[tuple[int, int]] = deque(maxlen=(max_pending or 0) + 1)
         self._unsaved = PublishStats()  # counter deltas not yet written
         self._moved = False
+        self.retry = retry or RedisSettings()  # backoff through Redis outages
 
     def handle(self, rec: FrameRecord, dropped: int = 0) -> bool:
         """Feed one sampled frame; True when it completed an item that was published."""
@@ -161,7 +153,7 @@ class Publisher:
         """Encode and XADD one item, retrying through Redis outages until done or stopped."""
         msg, images = self.build(parts)
         fields = encode(msg, images)
-        delay = 0.1
+        backoff = Backoff.redis(self.retry)
         while not self.stop.is_set():
             try:
                 if self.max_pending is not None:
@@ -169,25 +161,25 @@ class Publisher:
                 self._write(msg, fields)
                 return True
             except redis.RedisError as exc:
+                delay = backoff.next()
                 log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc), retry_s=delay)
                 self.stop.wait(delay)
-                delay = min(delay * 2, self.ing.reconnect_cap_s)
         return False
 
     def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
-        names = counter_names(self.camera_id)
+        cam = self.camera_id
         pipe = self.client.pipeline(transaction=False)
         maxlen = self.ing.stream_maxlen
-        pipe.eval(ADD_AND_TRIM, 2, self.keys.frames_stream(), self.keys.counter("frames_trimmed_unread"),
+        pipe.eval(ADD_AND_TRIM, 2, self.keys.frames_stream(), self.keys.frames_trimmed_unread(),
                   maxlen, max(1, maxlen // 20), TRIM_LIMIT, self.keys.edge_group(),
                   *(x for pair in fields.items() for x in pair))
-        pipe.incrby(self.keys.counter(names["items"]), 1)
-        pipe.incrby(self.keys.counter(names["frames"]), msg.n_images)
+        pipe.incrby(self.keys.camera_counter(cam, "items"), 1)
+        pipe.incrby(self.keys.camera_counter(cam, "frames"), msg.n_images)
         for field in ("gated", "dropped"):
             if getattr(self._unsaved, field):
-                pipe.incrby(self.keys.counter(names[field]), getattr(self._unsaved, field))
+                pipe.incrby(self.keys.camera_counter(cam, field), getattr(self._unsaved, field))
         pipe.hset(self.keys.camera_info(self.camera_id),
-                  mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
+                  mapping=CameraInfo(last_frame_at=msg.captured_at, last_frame_id=msg.frame_id).to_hash())
         added = pipe.execute()[0]
         entry_id = added[0]
         self.metrics.ingested(self.camera_id, msg.n_images)
@@ -197,9 +189,9 @@ class Publisher:
         self.stats.items += 1
         self.stats.frames += msg.n_images
         if self.max_pending is not None:
-            self._recent.append(_stream_id(entry_id))
+            self._recent.append(id_tuple(entry_id))
         if len(added) > 1:
-            self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(_text, added[1:])])
+            self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(text, added[1:])])
 
     def _count_trimmed(self, cameras: list[str]) -> None:
         """Per-camera counters of entries trimmed unread (the total is already counted, atomically)."""
@@ -210,7 +202,7 @@ class Publisher:
         try:
             pipe = self.client.pipeline(transaction=False)
             for camera, n in counts.items():
-                pipe.incrby(self.keys.counter(counter_names(camera)["trimmed"]), n)
+                pipe.incrby(self.keys.camera_counter(camera, "trimmed"), n)
             pipe.execute()
         except redis.RedisError as exc:  # never retry the write for this: the frame is already added
             log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc))
@@ -228,12 +220,8 @@ class Publisher:
             groups = self.client.xinfo_groups(self.keys.frames_stream())
         except redis.ResponseError:  # no stream yet
             return None
-        group = next((g for g in groups if _text(g.get("name")) == self.keys.edge_group()), None)
+        group = next((g for g in groups if text(g.get("name")) == self.keys.edge_group()), None)
         if group is None:  # nobody consumes yet: nothing to wait for
             return None
-        last = _stream_id(group["last-delivered-id"])
+        last = id_tuple(group["last-delivered-id"])
         return sum(1 for entry in self._recent if entry > last)
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")

@@ -79,7 +79,7 @@ def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, ke
     if ing.clip.enabled and not clips:
         log.warning("replay_clips_ignored", camera=camera_id, reason="clip mode needs videos, not images")
     publisher = Publisher(client, keys, camera_id, ing, stop, clips=clips,
-                          max_pending=max(1, ing.stream_maxlen // 2))
+                          max_pending=max(1, ing.stream_maxlen // 2), retry=settings.redis)
     status = StatusReporter(client, keys, camera_id, name=camera_id, source=source.name, sample_fps=fps)
     buffer = FrameBuffer(max(8, 2 * ing.clip.frames * ing.clip.stride), BufferPolicy.WAIT)
 

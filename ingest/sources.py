@@ -10,10 +10,10 @@ so a non-reference frame (most B-frames) costs nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import cv2
@@ -21,6 +21,7 @@ import numpy as np
 import structlog
 
 from fallwatch.datasets import DatasetError, LabeledClip, LabeledImage, read_rgb
+from fallwatch.registry import SchemeRegistry
 from ingest.jpeg import fit_width
 from ingest.records import clean_error, describe_source
 from ingest.sampling import FpsSampler
@@ -196,15 +197,24 @@ class WebcamSource:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+SourceFactory = Callable[..., FrameSource]  # (url, *, open_timeout_s, read_timeout_s, max_width)
+
+# URL scheme -> camera source; PyAV opens every scheme (and plain path) no other source claims.
+SOURCES: SchemeRegistry[SourceFactory] = SchemeRegistry("camera source", fallback=AvSource)
+
+
+@SOURCES.register("webcam")
+def open_webcam(url: str, **timeouts: Any) -> FrameSource:
+    """``webcam:N``: local video device N through OpenCV."""
+    index = url.split(":", 1)[1]
+    if not index.isdigit():
+        raise SourceError(f"webcam URL must be webcam:N with a device number, got {url!r}")
+    return WebcamSource(int(index), **timeouts)
+
+
 def open_source(url: str, *, open_timeout_s: float, read_timeout_s: float, max_width: int) -> FrameSource:
-    """The source for a camera URL: ``webcam:N`` (OpenCV) or anything PyAV opens."""
-    if url.startswith("webcam:"):
-        index = url.removeprefix("webcam:")
-        if not index.isdigit():
-            raise SourceError(f"webcam URL must be webcam:N with a device number, got {url!r}")
-        return WebcamSource(int(index), open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s,
-                            max_width=max_width)
-    return AvSource(url, open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, max_width=max_width)
+    """The source for a camera URL, by its scheme (see :data:`SOURCES`)."""
+    return SOURCES.lookup(url)(url, open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, max_width=max_width)
 
 
 # --- replays ---------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 import redis
 import structlog
 
-from fallwatch.keys import Keys
+from fallwatch.defaults import STATUS_STREAM_MAXLEN
+from fallwatch.keys import Keys, text
 from fallwatch.metrics import IngestMetrics
-from fallwatch.schemas import CameraState, CameraStatus, encode
+from fallwatch.schemas import CameraInfo, CameraState, CameraStatus, encode
+
 
 log = structlog.get_logger(__name__)
-
-STATUS_STREAM_MAXLEN = 10_000
 
 
 class StatusReporter:
@@ -39,16 +39,12 @@ class StatusReporter:
 
     def _emit(self, state: CameraState, reason: str, fps: float | None, expected: bool = False) -> None:
         msg = CameraStatus(camera_id=self.camera_id, state=state, reason=reason[:1000], fps=fps, expected=expected)
-        info = {
-            "state": state.value, "reason": msg.reason, "changed_at": msg.at, "name": self.name,
-            "source": self.source, "sample_fps": "" if self.sample_fps is None else self.sample_fps,
-        }
-        if fps is not None:  # offline keeps the last known input fps
-            info["fps"] = fps
+        info = CameraInfo(state=state, reason=msg.reason, changed_at=msg.at, name=self.name, source=self.source,
+                          sample_fps=self.sample_fps, **({} if fps is None else {"fps": fps}))  # offline keeps the fps
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.xadd(self.keys.camera_status_stream(), encode(msg), maxlen=STATUS_STREAM_MAXLEN, approximate=True)
-            pipe.hset(self.keys.camera_info(self.camera_id), mapping=info)
+            pipe.hset(self.keys.camera_info(self.camera_id), mapping=info.to_hash())
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("camera_status_unsaved", camera=self.camera_id, state=state.value, error=str(exc))
@@ -66,5 +62,5 @@ class StatusReporter:
 def read_info(client: redis.Redis, keys: Keys, camera_id: str) -> dict[str, str]:
     """The camera's info hash as text (empty when the camera was never seen)."""
     raw = client.hgetall(keys.camera_info(camera_id))
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 

@@ -231,7 +231,7 @@ def test_a_budget_marker_reaches_the_final_verdict_the_event_and_the_notificatio
     push_planted(r, keys, "cam1", [(LOW, True)] * 3)
     worker.step(block_ms=0)
     service = AlertsService(settings, r, keys, name="a1", metrics=AlertsMetrics.create(build_metrics()))
-    assert wait_for(lambda: service.step().idle and r.xlen(keys.final_stream()) >= 3
+    assert wait_for(lambda: service.step() is not None and r.xlen(keys.final_stream()) >= 3
                     and r.xlen(keys.alerts_stream()) > 0, 20)
     finals = [decode(f)[0] for _, f in r.xrange(keys.final_stream())]
     assert len(finals) == 3 and all(f.decided_by == Decider.EDGE_BUDGET and not f.offloaded and f.is_fall for f in finals)

@@ -11,7 +11,7 @@ from rq.serializers import JSONSerializer
 
 from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, run
-from edge_worker.worker import OFFLOAD_FAILED, OFFLOAD_JOB
+from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
 from fallwatch.keys import Keys
 from fallwatch.schemas import CloudVerdict, DeadLetter, OffloadRequest, decode, to_dict
 from fallwatch.settings import CloudSettings, Settings

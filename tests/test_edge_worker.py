@@ -9,7 +9,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from edge_worker.model import EdgeModel
-from edge_worker.worker import OFFLOAD_JOB, EdgeWorker
+from edge_worker.worker import EdgeWorker
+from fallwatch.offload import OFFLOAD_JOB
 from fallwatch.keys import Keys
 from fallwatch.schemas import DeadLetter, EdgeVerdict, FrameMessage, decode, encode
 from fallwatch.settings import EdgeSettings, Settings

@@ -22,6 +22,7 @@ from alerts.service import AlertsService
 from alerts.store import BadTransition, EventNotFound, acknowledge, load_event, resolve
 from fallwatch.keys import Keys
 from fallwatch.schemas import (
+    decode,
     AlertEvent,
     CameraState,
     CameraStatus,
@@ -62,7 +63,7 @@ def alert_events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:
 
 
 def outbox(r: redis.Redis, keys: Keys) -> list[Delivery]:
-    return [Delivery.from_fields(f) for _, f in r.xrange(keys.notify_outbox_stream())]
+    return [decode(f, expect=Delivery)[0] for _, f in r.xrange(keys.notify_outbox_stream())]
 
 
 def tier_updates(r: redis.Redis, keys: Keys, tier: int) -> list[AlertEvent]:

@@ -23,7 +23,7 @@ from rq.serializers import JSONSerializer
 
 from alerts.notify import channel_id
 from tests.helpers import edge_verdict, free_port, plant, wait_for
-from edge_worker.worker import OFFLOAD_JOB
+from fallwatch.offload import OFFLOAD_JOB
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FrameMessage, encode

@@ -20,7 +20,8 @@ from rq.serializers import JSONSerializer
 from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, job_problem, run
 from edge_worker.model import EdgeModel
-from edge_worker.worker import OFFLOAD_FAILED, OFFLOAD_JOB, EdgeWorker
+from edge_worker.worker import EdgeWorker
+from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import CloudVerdict, DeadLetter, OffloadRequest, decode, to_dict

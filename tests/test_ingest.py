@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ingest.jpeg import encode_jpeg, fit_width
-from ingest.pipeline import Backoff
+from fallwatch.streams import Backoff
 from ingest.publisher import clip_label
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord, clean_error, describe_source
 from ingest.sampling import ClipAssembler, FpsSampler, MotionGate, Pacer

@@ -17,7 +17,7 @@ from fallwatch import logging as fw_logging
 from fallwatch.schemas import CameraState, CameraStatus, FrameMessage, ItemKind, decode
 from fallwatch.settings import Settings
 from ingest.camera import capture_loop, run_camera
-from ingest.publisher import Publisher, counter_names
+from ingest.publisher import Publisher
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord
 from ingest.replay import dataset_source, run_replay, video_source
 from ingest.sources import AvSource, RawFrame, SourceError, WebcamSource
@@ -40,7 +40,7 @@ def jpeg_rgb(data: bytes) -> np.ndarray:
 
 
 def counter(r, keys, cam: str, name: str) -> int:
-    return int(r.get(keys.counter(counter_names(cam)[name])) or 0)
+    return int(r.get(keys.camera_counter(cam, name)) or 0)
 
 
 def with_camera(settings: Settings, url: str, **cam) -> Settings:

@@ -1,3 +1,5 @@
+import pytest
+
 from fallwatch.keys import Keys
 
 
@@ -39,3 +41,20 @@ def test_budget_key_formats_are_pinned() -> None:
     assert k.offload_queues() == ["fw-cloud", "fw-cloud-r1"]  # priority order: rank 0 keeps the old queue name
     assert k.budget_bucket() == "fw:budget:bucket"
     assert k.cloud_service() == "fw:cloud:service"
+def test_typed_counters_keep_the_counter_formats() -> None:
+    k = Keys("fw")
+    assert k.camera_counter("cam1", "items") == "fw:count:ingest:cam1:items"
+    assert k.camera_counter("cam1", "seq") == "fw:count:ingest:cam1:seq"
+    assert k.frames_trimmed_unread() == "fw:count:frames_trimmed_unread"
+    assert k.frames_trimmed_pending() == "fw:count:frames_trimmed_pending"
+
+
+def test_keys_parse_back_into_their_parts() -> None:
+    k = Keys("fw")
+    assert k.heartbeat_of(k.heartbeat("edge", "host-1:7").encode()) == ("edge", "host-1:7")
+    assert k.camera_of_info(k.camera_info("hall")) == "hall"
+    assert k.parse(k.heartbeat("cloud", "gpu-0"), k.heartbeat_pattern("cloud")) == ("gpu-0",)
+    with pytest.raises(ValueError, match="does not match"):
+        k.camera_of_info("fw:camera:hall:state")
+    with pytest.raises(ValueError, match="does not match"):
+        k.heartbeat_of("other:heartbeat:edge:x")

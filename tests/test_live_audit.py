@@ -16,7 +16,8 @@ from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, run
 from edge_worker.audit import AUDIT_JOB, audit_draw, chosen_for_audit
 from edge_worker.model import EdgeModel
-from edge_worker.worker import OFFLOAD_JOB, EdgeWorker
+from edge_worker.worker import EdgeWorker
+from fallwatch.offload import OFFLOAD_JOB
 from fallwatch.schemas import AlertEvent, CloudVerdict, Decider, EdgeVerdict, EventType, OffloadRequest, decode, to_dict
 from fallwatch.settings import CloudSettings, EdgeSettings, Settings
 from tests.frames import jpeg, push_frames
@@ -134,7 +135,7 @@ def test_a_fall_seen_only_by_an_audit_raises_an_event(redis_url, r, keys) -> Non
     assert starts[0].frame_ids == ["cam3:0"] and starts[0].confidence == pytest.approx(0.93)
     finals = read_all(r, keys.final_stream())
     assert sorted((f.frame_id, f.decided_by) for f in finals) == [("cam3:0", Decider.EDGE), ("cam4:0", Decider.EDGE)]
-    outbox = [Delivery.from_fields(f) for _, f in r.xrange(keys.notify_outbox_stream())]
+    outbox = [decode(f, expect=Delivery)[0] for _, f in r.xrange(keys.notify_outbox_stream())]
     assert len(outbox) == 1 and "auditing" in outbox[0].body
     # a redelivered audit verdict changes nothing
     plant(r, keys.verdicts_stream(), _audit_verdict("cam3:0", now, 0.93, 0.1))

@@ -13,7 +13,7 @@ from alerts.drift import SITE, wilson
 from alerts.notify import Delivery, channel_id
 from alerts.service import AlertsService
 from fallwatch.metrics import AlertsMetrics, build_metrics
-from fallwatch.schemas import CloudVerdict, EventKind, EventType
+from fallwatch.schemas import CloudVerdict, EventKind, EventType, decode
 from fallwatch.settings import Settings
 from fallwatch.status import gather, render
 from switcher.publish import publish
@@ -70,7 +70,7 @@ def test_drift_event_starts_on_a_planted_drop_and_ends_on_recovery(redis_url, r,
     render(gather(r, settings))  # the status table renders the drift rows
     gauge = metrics.switcher_drift.labels("cam1", "agreement_high")._value.get()
     assert gauge == pytest.approx(state["cam1"].high)
-    outbox = [Delivery.from_fields(f) for _, f in r.xrange(keys.notify_outbox_stream())]
+    outbox = [decode(f, expect=Delivery)[0] for _, f in r.xrange(keys.notify_outbox_stream())]
     drift_notes = [d for d in outbox if d.kind is EventKind.SWITCHER_DRIFT]
     assert {d.channel for d in drift_notes} == {channel_id(OPERATOR)}  # the operator, never the caregivers
     assert len(drift_notes) == 2

@@ -18,7 +18,7 @@ from alerts.service import AlertsService
 from tests.helpers import FakeClock, edge_verdict, free_port, plant, read_all
 from fallwatch import logging as fw_logging
 from fallwatch.keys import Keys
-from fallwatch.schemas import AlertEvent, DeadLetter, Decider, EventKind, EventType
+from fallwatch.schemas import AlertEvent, DeadLetter, Decider, EventKind, EventType, encode
 from fallwatch.settings import Settings
 from fallwatch.webhook import WebhookReceiver
 
@@ -168,7 +168,7 @@ def test_channel_cooldown_and_broken_channels(settings, r, keys) -> None:
     outbox = keys.notify_outbox_stream()
     for d in (delivery("e1", "rec"), delivery("e2", "rec"), delivery("e3", "rec", camera="cam2"),
               delivery("e4", "broken")):
-        r.xadd(outbox, d.to_fields())
+        r.xadd(outbox, encode(d))
     rep = Notifier(settings, r, keys, "n1", channels={"rec": rec, "broken": broken}).step()
     assert (rep.delivered, rep.suppressed, rep.failed) == (2, 1, 1)
     assert [d.event_id for d in rec.sent] == ["e1", "e3"]
@@ -178,21 +178,21 @@ def test_channel_cooldown_and_broken_channels(settings, r, keys) -> None:
 
 def test_cooldown_is_kept_in_redis_across_notifier_restarts(settings, r, keys) -> None:
     outbox = keys.notify_outbox_stream()
-    r.xadd(outbox, delivery("e1", "rec").to_fields())
+    r.xadd(outbox, encode(delivery("e1", "rec")))
     first = Recorder("rec", cooldown_s=60)
     assert Notifier(settings, r, keys, "n1", channels={"rec": first}).step().delivered == 1
     cooldown = keys.notify_cooldown("rec", "cam1", EventKind.FALL.value)
     assert r.get(cooldown) == b"e1" and 59_000 < r.pttl(cooldown) <= 60_000
 
     restarted = Recorder("rec", cooldown_s=60)  # a new process: nothing in memory
-    r.xadd(outbox, delivery("e2", "rec").to_fields())
-    r.xadd(outbox, delivery("e3", "rec", camera="cam2").to_fields())
+    r.xadd(outbox, encode(delivery("e2", "rec")))
+    r.xadd(outbox, encode(delivery("e3", "rec", camera="cam2")))
     rep = Notifier(settings, r, keys, "n2", channels={"rec": restarted}).step()
     assert (rep.delivered, rep.suppressed) == (1, 1)
     assert [d.event_id for d in restarted.sent] == ["e3"]
 
     r.delete(cooldown)  # the quiet period is over
-    r.xadd(outbox, delivery("e4", "rec").to_fields())
+    r.xadd(outbox, encode(delivery("e4", "rec")))
     assert Notifier(settings, r, keys, "n3", channels={"rec": restarted}).step().delivered == 1
 
 
@@ -213,7 +213,7 @@ def test_a_channel_on_its_own_keeps_cooldowns_in_memory() -> None:
 def test_bad_outbox_entries_are_dead_lettered(settings, r, keys) -> None:
     outbox = keys.notify_outbox_stream()
     r.xadd(outbox, {"x": "1"})
-    r.xadd(outbox, delivery("e1", "gone").to_fields())
+    r.xadd(outbox, encode(delivery("e1", "gone")))
     rep = Notifier(settings, r, keys, "n1", channels={}).step()
     assert rep.dead_letters == 2 and r.xlen(outbox) == 0
     reasons = [m.reason for m in read_all(r, keys.dead_letter_stream()) if isinstance(m, DeadLetter)]
@@ -236,3 +236,14 @@ def test_apprise_channel_rejects_unknown_schemes() -> None:
 
     with pytest.raises(ValueError, match="does not accept"):
         AppriseChannel(SecretStr("nosuchscheme://token@host"))
+
+
+def test_message_texts_name_the_configured_models(settings) -> None:
+    fall = AlertEvent(type=EventType.START, kind=EventKind.FALL, camera_id="c", started_at=T0, confidence=0.9,
+                      decided_by=Decider.CLOUD)
+    assert "cloud model (LLaVA-NeXT-Video-7B-hf)" in compose(fall, settings)[1]
+    swapped = settings.model_copy(update={"cloud": settings.cloud.model_copy(update={"model": "/models/qwen-vl"}),
+                                          "edge": settings.edge.model_copy(update={"model": "org/siglip-fall"})})
+    assert "cloud model (qwen-vl)" in compose(fall, swapped)[1]
+    edge = fall.model_copy(update={"decided_by": Decider.EDGE})
+    assert "edge model (siglip-fall)" in compose(edge, swapped)[1]

@@ -66,7 +66,7 @@ def test_password_and_acl_user_over_url(short_dir: Path) -> None:
     port = free_port()
     acl = "user app on >app-pw ~* &* +@all"
     extra = ["--requirepass", "admin-pw"]
-    with EmbeddedRedis(short_dir, appendonly=False, port=port, extra_args=extra) as server:
+    with EmbeddedRedis(short_dir, appendonly=False, port=port, extra_args=extra):
         admin = redis.Redis(port=port, password="admin-pw")
         admin.execute_command("ACL", "SETUSER", *acl.split()[1:])
         ok = connect(RedisSettings(), f"redis://app:app-pw@127.0.0.1:{port}/0")

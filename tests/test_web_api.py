@@ -271,7 +271,8 @@ def test_admin_status_reports_queue_workers_redis_and_precision(web, r, keys, we
     (day,) = s["precision"]["room-12"]
     assert (day["confirmed"], day["false_alarm"], day["not_sure"]) == (2, 1, 1)
     assert day["precision"] == pytest.approx(2 / 3)
-    assert s["budget"] is None and s["switcher"]["version"] is None
+    assert s["budget"]["mode"] == "fixed" and s["budget"]["kept_budget"] == 0
+    assert s["switcher"]["version"] is None and s["switcher"]["drift"] is None
     assert web.get("/admin").status_code == 200
 
 

@@ -83,18 +83,16 @@ def newest_edge_verdict(client: redis.Redis, keys: Keys) -> EdgeVerdict | None:
     return None
 
 
-def switcher_view(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
-    """The switcher checkpoint in use, and the version and drift state the newest edge verdict
-    reports (where the edge reports them)."""
+def switcher_view(client: redis.Redis, keys: Keys, settings: Settings, drift: list[Any]) -> dict[str, Any]:
+    """The switcher in use: the version published to the edge workers (else the one the newest edge
+    verdict names) and the site's drift state from the audits."""
+    published = client.hget(keys.switcher_current(), "version")
     verdict = newest_edge_verdict(client, keys)
+    version = published.decode() if published else getattr(verdict, "switcher_version", None)
+    site = next((d for d in drift if d.scope == "*"), None)
     ckpt = settings.switcher.checkpoint
-    return {"checkpoint": str(ckpt) if ckpt else None, "version": getattr(verdict, "switcher_version", None),
-            "drift": getattr(verdict, "drift", None)}
-
-
-def budget_view(settings: Settings) -> dict[str, Any] | None:
-    budget = getattr(settings.cloud, "budget", None)
-    return None if budget is None else budget.model_dump(mode="json")
+    return {"checkpoint": str(ckpt) if ckpt else None, "version": version,
+            "drift": None if site is None else ("drifting" if site.drifting else "ok")}
 
 
 def admin_view(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
@@ -104,8 +102,7 @@ def admin_view(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str,
         **snap.model_dump(mode="json"),
         "queue_age_s": queue_age_s(client, snap.queue.name),
         "timeouts": {k: by.get(k, 0) for k in TIMEOUT_DECIDERS},
-        "switcher": switcher_view(client, keys, settings),
-        "budget": budget_view(settings),
+        "switcher": switcher_view(client, keys, settings, snap.drift),
         "precision": precision_by_camera(read_outcomes(client, keys)),
         "metrics_links": [f"http://{w.metrics}/metrics" for w in snap.workers if w.metrics],
     }

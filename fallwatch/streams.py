@@ -1,4 +1,4 @@
-"""Consumer-group plumbing shared by the alerts service and the notifier.
+"""Redis plumbing every role shares: consumer groups, dead letters, backoff, the RQ queue.
 
 Entries are read with XREADGROUP and acknowledged by the caller only after its outputs are
 written (at-least-once). Entries left pending by a consumer that died are taken over with
@@ -12,12 +12,42 @@ from typing import Any
 
 import redis
 import structlog
+from rq import Queue
+from rq.serializers import JSONSerializer
 
+from fallwatch.defaults import DEAD_LETTER_MAXLEN
+from fallwatch.keys import text
 from fallwatch.schemas import DeadLetter, encode
+from fallwatch.settings import RedisSettings
 
 log = structlog.get_logger(__name__)
 
-DEAD_LETTER_MAXLEN = 100_000
+
+class Backoff:
+    """Capped exponential backoff: base, 2*base, 4*base, ... up to cap; :meth:`reset` after success."""
+
+    def __init__(self, base: float, cap: float):
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+
+    @classmethod
+    def redis(cls, cfg: RedisSettings) -> "Backoff":
+        """The backoff of a role's Redis-outage retry loop (``redis.retry_base_s`` .. ``retry_cap_s``)."""
+        return cls(min(cfg.retry_base_s, cfg.retry_cap_s), cfg.retry_cap_s)
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 62)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def job_queue(client: redis.Redis, name: str) -> Queue:
+    """The RQ queue ``name`` with RQ's JSON serializer (job data from Redis is never unpickled)."""
+    return Queue(name, connection=client, serializer=JSONSerializer)
 
 
 @dataclass(frozen=True)
@@ -27,10 +57,6 @@ class Entry:
     stream: str
     id: str
     fields: dict[bytes, bytes] | None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> None:
@@ -59,7 +85,7 @@ def _entries(reply: Any) -> list[Entry]:
     out: list[Entry] = []
     for stream, items in reply or []:  # RESP2 reply: [[stream, [(id, fields), ...]], ...]
         for entry_id, fields in items:
-            out.append(Entry(_text(stream), _text(entry_id), fields or None))
+            out.append(Entry(text(stream), text(entry_id), fields or None))
     return out
 
 
@@ -71,8 +97,8 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str,
     while len(claimed) < limit:
         reply = client.xautoclaim(stream, group, consumer, min_idle_ms, start_id=cursor,
                                   count=min(100, limit - len(claimed)))
-        cursor = _text(reply[0])
-        claimed.extend(Entry(stream, _text(i), f or None) for i, f in reply[1] if i is not None)
+        cursor = text(reply[0])
+        claimed.extend(Entry(stream, text(i), f or None) for i, f in reply[1] if i is not None)
         if cursor == "0-0":
             break
     if claimed:
@@ -80,8 +106,9 @@ def reclaim(client: redis.Redis, stream: str, group: str, consumer: str,
     return claimed
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
+def id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as (ms, seq), for comparing ids."""
+    ms, _, seq = text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -97,20 +124,26 @@ def trim_consumed(client: redis.Redis, stream: str) -> int:
     bounds = []
     for g in groups:
         if int(g["pending"]):
-            bounds.append(_text(client.xpending(stream, g["name"])["min"]))
+            bounds.append(text(client.xpending(stream, g["name"])["min"]))
         else:
-            bounds.append(_text(g["last-delivered-id"]))
-    return int(client.xtrim(stream, minid=min(bounds, key=_id_tuple), approximate=True))
+            bounds.append(text(g["last-delivered-id"]))
+    return int(client.xtrim(stream, minid=min(bounds, key=id_tuple), approximate=True))
 
 
 def ack(client: redis.Redis, group: str, entry: Entry) -> None:
     client.xack(entry.stream, group, entry.id)
 
 
+def write_dead_letter(client: Any, dead_stream: str, source: str, entry_id: str, reason: str, error: str,
+                      worker: str) -> DeadLetter:
+    """Record an input that cannot be processed on ``dead_stream`` (``client`` may be a pipeline)."""
+    msg = DeadLetter(source=source, entry_id=entry_id, reason=reason[:200], error=error[:4000], worker=worker)
+    client.xadd(dead_stream, encode(msg), maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+    log.warning("dead_letter", source=source, entry_id=entry_id, reason=reason, error=error[:500])
+    return msg
+
+
 def dead_letter(client: redis.Redis, dead_stream: str, entry: Entry, reason: str, error: str,
                 worker: str, pipe: Any = None) -> DeadLetter:
-    """Record an entry that cannot be processed (the caller acknowledges it)."""
-    msg = DeadLetter(source=entry.stream, entry_id=entry.id, reason=reason[:200], error=error[:4000], worker=worker)
-    (pipe or client).xadd(dead_stream, encode(msg), maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-    log.warning("dead_letter", source=entry.stream, entry_id=entry.id, reason=reason, error=error[:500])
-    return msg
+    """Record a stream entry that cannot be processed (the caller acknowledges it)."""
+    return write_dead_letter(pipe or client, dead_stream, entry.stream, entry.id, reason, error, worker)
