@@ -147,7 +147,8 @@ class EdgeWorker:
         frames = self._decode_all(entries, result)
         if frames:
             self._score_and_publish(frames, result)
-        self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
+        else:
+            self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
         return result
 
     def _decode_all(self, entries: list[tuple[str, dict]], result: StepResult) -> list[DecodedFrame]:
@@ -174,7 +175,7 @@ class EdgeWorker:
         verdicts = [self._verdict(f, scores.p_fall[i], None if agreement is None else agreement[i], per_item_ms)
                     for i, f in enumerate(frames)]
         offloads = [(f, v) for f, v in zip(frames, verdicts) if not v.confident]
-        self._write(verdicts, offloads)
+        self._write(verdicts, offloads, result.entry_ids)
         result.scored = len(frames)
         result.offloaded = len(offloads)
         result.confident = len(frames) - len(offloads)
@@ -197,9 +198,12 @@ class EdgeWorker:
             threshold=threshold, confident=confident, edge_ms=edge_ms, gt_fall=msg.gt_fall, worker=self.name,
         )
 
-    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict]]) -> None:
-        """Pixels and verdicts in one round trip, then the offload job (after its pixels exist)."""
-        pipe = self.client.pipeline(transaction=False)
+    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict]],
+               entry_ids: list[str]) -> None:
+        """Pixels, verdicts, offload jobs and the acknowledgement in one transaction: an entry still pending
+        has no outputs, so one trimmed while pending was dropped, never also delivered."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.multi()  # RQ queues its job in the same MULTI
         ttl = self.settings.ingest.pixels_ttl_s
         for frame, _ in offloads:
             key = self.keys.pixels(frame.msg.frame_id)
@@ -207,9 +211,10 @@ class EdgeWorker:
             pipe.expire(key, ttl)
         for v in verdicts:
             pipe.xadd(self.keys.verdicts_stream(), encode(v))
-        pipe.execute()
         if offloads:
-            self.enqueue([self._offload_request(f, v) for f, v in offloads])
+            self.enqueue([self._offload_request(f, v) for f, v in offloads], pipe)
+        pipe.xack(self.keys.frames_stream(), self.keys.edge_group(), *entry_ids)
+        pipe.execute()
 
     def _offload_request(self, frame: DecodedFrame, verdict: EdgeVerdict) -> OffloadRequest:
         msg = frame.msg
@@ -220,8 +225,8 @@ class EdgeWorker:
             gt_fall=msg.gt_fall,
         )
 
-    def enqueue(self, requests: list[OffloadRequest]) -> None:
-        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised."""
+    def enqueue(self, requests: list[OffloadRequest], pipeline: redis.client.Pipeline | None = None) -> None:
+        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised (queued on ``pipeline`` if given)."""
         size = self.settings.cloud.batch_size
         for start in range(0, len(requests), size):
             chunk = [to_dict(r) for r in requests[start:start + size]]
@@ -229,7 +234,7 @@ class EdgeWorker:
             self.queue.enqueue(
                 OFFLOAD_JOB, chunk, job_timeout=self.settings.cloud.job_timeout_s, retry=retry,
                 on_failure=Callback(OFFLOAD_FAILED), result_ttl=300, failure_ttl=86400,
-                ttl=int(self.settings.alerts.cloud_timeout_s) + 60,
+                ttl=int(self.settings.alerts.cloud_timeout_s) + 60, pipeline=pipeline,
             )
 
     # --- liveness ----------------------------------------------------------------------
