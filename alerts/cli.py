@@ -43,41 +43,41 @@ def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, f
     return body
 
 
-def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
+def _workers(settings: Any, client: Any, keys: Any, name: str, notify: bool) -> list[tuple[str, Callable]]:
     from alerts.notify import Notifier  # noqa: PLC0415 - keeps `fallwatch --help` fast
-    from alerts.service import ROLE, AlertsService  # noqa: PLC0415
+    from alerts.service import AlertsService  # noqa: PLC0415
+
+    workers: list[tuple[str, Callable]] = [("alerts", AlertsService(settings, client, keys, name).run)]
+    if notify:  # a channel that cannot be used is reported by the notifier; the others still run
+        workers.append(("notifier", Notifier(settings, client, keys, f"{name}-notify").run))
+    return workers
+
+
+def _run_threads(workers: list[tuple[str, Callable]], stop: threading.Event, failed: list[str]) -> None:
+    threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
+               for label, fn in workers]
+    for t in threads:
+        t.start()
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(timeout=10)
+
+
+def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
+    from alerts.service import ROLE  # noqa: PLC0415
     from fallwatch.metrics import start_role  # noqa: PLC0415
-    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
     from fallwatch.runtime import stop_on_signals, worker_name  # noqa: PLC0415
 
     actx = app_context(ctx)
-    settings, keys = actx.settings, actx.keys
+    settings = actx.settings
     name = name or worker_name(ROLE)
     start_role(settings.metrics, ROLE, name)
     stop = stop_on_signals()
     failed: list[str] = []
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            workers = [("alerts", AlertsService(settings, handle.client, keys, name).run)]
-            if notify:
-                try:
-                    notifier = Notifier(settings, handle.client, keys, f"{name}-notify")
-                except ValueError as exc:
-                    typer.secho(f"notifications: {exc}", fg="red", err=True)
-                    raise typer.Exit(2) from None
-                workers.append(("notifier", notifier.run))
-            threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
-                       for label, fn in workers]
-            for t in threads:
-                t.start()
-            while not stop.wait(0.5):
-                pass
-            for t in threads:
-                t.join(timeout=10)
-    except RedisUnavailable as exc:
-        typer.secho(f"alerts: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis, stop) as handle:
+        _run_threads(_workers(settings, handle.client, actx.keys, name, notify), stop, failed)
     if failed:
         raise typer.Exit(1)
 
@@ -121,8 +121,9 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
         try:
             ev = acknowledge(handle.client, actx.keys, event_id, by, actx.settings.alerts.stream_maxlen)
         except EventNotFound:
-            typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
-            raise typer.Exit(1) from None
+            typer.secho(f"no alert event {event_id!r} (see `fallwatch status` or `fallwatch alerts tail --history 20`)",
+                        fg="red", err=True)
+            raise typer.Exit(2) from None
     typer.echo(format_event(ev))
 
 

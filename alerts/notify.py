@@ -39,6 +39,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from alerts.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.checks import url_problem
 from fallwatch.keys import Keys
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
@@ -267,9 +268,9 @@ class AppriseChannel(NotificationChannel):
         _SECRETS.add_url(secret)
         self.timeout_s = timeout_s
         self._apprise = apprise.Apprise()
-        if not self._apprise.add(_with_timeouts(secret, timeout_s)):
-            raise ValueError(f"notification channel {self.name}: apprise does not accept this URL "
-                             f"(scheme {urlsplit(secret).scheme!r})")
+        problem = url_problem(secret)
+        if problem is not None or not self._apprise.add(_with_timeouts(secret, timeout_s)):
+            raise ValueError(f"notification channel {self.name}: {problem or 'apprise does not accept this URL'}")
 
     def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
         result = self._apprise.notify(body=note.body, title=note.title,
@@ -277,15 +278,22 @@ class AppriseChannel(NotificationChannel):
         return bool(result)
 
 
-def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
-    """Every channel named in the settings (global and per-camera URLs), by name."""
+def build_channels(cfg: Settings, broken: dict[str, str] | None = None) -> dict[str, NotificationChannel]:
+    """Every channel named in the settings (global and per-camera URLs), by name. A URL that cannot be
+    used raises ValueError, or, given ``broken``, is left out and recorded there (name -> reason)."""
     n: NotificationSettings = cfg.notifications
     urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify]
     channels: dict[str, NotificationChannel] = {}
     for url in urls:
         name = channel_id(url.get_secret_value())
-        if name not in channels:
+        if name in channels or (broken is not None and name in broken):
+            continue
+        try:
             channels[name] = AppriseChannel(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
+        except ValueError as exc:
+            if broken is None:
+                raise
+            broken[name] = str(exc)
     return channels
 
 
@@ -302,6 +310,7 @@ class NotifyReport:
     skipped: int = 0      # already delivered earlier
     dead_letters: int = 0
     retried: int = 0      # of the attempts, how many were retries
+    owed: int = 0         # kept in the outbox: their channel cannot be used (see Notifier.broken)
 
     @property
     def attempts(self) -> int:
@@ -323,7 +332,8 @@ class Notifier:
         self.settings, self.client, self.keys, self.name = settings, client, keys, name
         self.metrics = metrics or AlertsMetrics.create()
         self.cfg = settings.notifications
-        self.channels = channels if channels is not None else build_channels(settings)
+        self.broken: dict[str, str] = {}  # channel -> why it cannot be used; its deliveries stay owed
+        self.channels = channels if channels is not None else build_channels(settings, self.broken)
         cooldowns = RedisCooldowns(client, keys)
         for channel in self.channels.values():
             channel.cooldowns = cooldowns
@@ -333,6 +343,13 @@ class Notifier:
 
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.notify_broken())
+            if self.broken:
+                pipe.hset(self.keys.notify_broken(), mapping=self.broken)
+            pipe.execute()
+        for channel, reason in self.broken.items():
+            log.error("notification_channel_unusable", channel=channel, reason=reason)
 
     def step(self, block_ms: int | None = None) -> NotifyReport:
         if not self._started:
@@ -391,6 +408,9 @@ class Notifier:
         except SchemaError as exc:
             return self._dead(entry, "schema_error", str(exc))
         channel = self.channels.get(note.channel)
+        if note.channel in self.broken:  # owed until the channel is fixed; retried with backoff
+            self.metrics.notification(note.channel, False)
+            return "owed"
         if channel is None:
             return self._dead(entry, "unknown_channel", f"channel {note.channel} is not configured any more")
         marker = self.keys.delivered(note.event_id, note.channel)

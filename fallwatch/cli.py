@@ -8,21 +8,49 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
+import redis
 import structlog
 import typer
+from typer.core import TyperGroup
 
 from fallwatch import __version__
 from fallwatch import logging as fw_logging
 from fallwatch.context import AppContext, app_context
+from fallwatch.errors import UserError
 from fallwatch.keys import Keys
 from fallwatch.runtime import stop_on_signals
-from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
+from fallwatch.redis import (EmbeddedRedis, RedisHandle, RedisUnavailable, RedisUnreachable, StoppedWaiting, check,
+                             redact_url)
 from fallwatch.settings import ConfigError, load_settings
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env
 
+class _OneLineErrors(TyperGroup):
+    """Every command: a user error (unreachable Redis, a wrong path) is one line and exit 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except StoppedWaiting:
+            raise typer.Exit(0) from None
+        except RedisUnreachable as exc:
+            fail(f"{exc} (start the server, or fix redis.url)")
+        except (UserError, RedisUnavailable) as exc:
+            fail(str(exc))
+        except redis.RedisError as exc:  # lost mid-command, or refused
+            fail(f"Redis: {exc} (check redis.url, and that the server runs)")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one red line to stderr and exit (2: the user can fix it)."""
+    typer.secho(message, fg="red", err=True)
+    raise typer.Exit(code)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="fallwatch",
     help="Edge-cloud fall detection for eldercare cameras.",
     no_args_is_help=True,
@@ -64,16 +92,25 @@ def root(
 def config_validate(
     ctx: typer.Context,
     file: Annotated[Optional[Path], typer.Argument(help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
+    paths: Annotated[bool, typer.Option("--paths/--no-paths", help="Check that the files it names exist "
+                                        "(--no-paths for a config used inside a container).")] = True,
 ) -> None:
-    """Check a config file (with the environment applied). Exit 1 on errors, naming each field."""
+    """Check a config file (with the environment applied), the paths it names and its notification URLs.
+    Exit 2 on errors, naming each field."""
+    from fallwatch.checks import notification_problems, path_problems  # noqa: PLC0415
+
     path = file or app_context(ctx).config_file
     try:
         settings = load_settings(path)
+        problems = (path_problems(settings) if paths else []) + notification_problems(settings)
     except ConfigError as exc:
-        for field_path, msg in exc.errors:
-            typer.secho(f"{field_path}: {msg}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"ok: {path or 'environment/defaults'} ({len(settings.cameras)} cameras)")
+        problems = exc.errors
+    for field_path, msg in problems:
+        typer.secho(f"{field_path}: {msg}", fg="red", err=True)
+    if problems:
+        raise typer.Exit(2)
+    n = len(settings.cameras)
+    typer.echo(f"ok: {path or 'environment/defaults'} ({n} camera{'' if n == 1 else 's'})")
 
 
 @config_app.command("show")
@@ -147,8 +184,18 @@ def _heartbeat_health(role: str):
     return checker
 
 
+def _alerts_health(settings, handle: RedisHandle) -> dict[str, object]:
+    """A live alerts worker whose notifier can use every configured channel."""
+    info = _heartbeat_health("alerts")(settings, handle)
+    broken = handle.client.hvals(Keys(settings.redis.key_prefix).notify_broken())
+    if broken:
+        raise RedisUnavailable("; ".join(sorted(b.decode() for b in broken)) + " (deliveries stay in the outbox)")
+    return info
+
+
 # role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
-HEALTH_CHECKS = {"redis": _redis_health, **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts")}}
+HEALTH_CHECKS = {"redis": _redis_health, **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud")},
+                 "alerts": _alerts_health}
 
 
 @app.command("up")
@@ -163,14 +210,9 @@ def up(
     settings = app_ctx.settings
     specs = role_specs(settings, edge_workers, cloud, ingest)
     stop = stop_on_signals()
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
-            Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
-    except RedisUnavailable as exc:
-        typer.secho(f"redis: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis, stop) as handle:
+        log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
+        Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
 
 
 @app.command("demo")
@@ -227,20 +269,15 @@ def status_cmd(
     from fallwatch.status import gather, render  # noqa: PLC0415 - keeps `fallwatch --help` fast
 
     settings = app_context(ctx).settings
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            if as_json or once:
-                snap = gather(handle.client, settings, events)
-                if as_json:
-                    typer.echo(snap.model_dump_json(indent=2))
-                else:
-                    _print_rich(render(snap))
-                return
-            _live_status(lambda: render(gather(handle.client, settings, events)), interval)
-    except RedisUnavailable as exc:
-        typer.secho(f"redis: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis) as handle:
+        if as_json or once:
+            snap = gather(handle.client, settings, events)
+            if as_json:
+                typer.echo(snap.model_dump_json(indent=2))
+            else:
+                _print_rich(render(snap))
+            return
+        _live_status(lambda: render(gather(handle.client, settings, events)), interval)
 
 
 def _print_rich(renderable: object) -> None:

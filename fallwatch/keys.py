@@ -131,3 +131,8 @@ class Keys:
     def cloud_queue(self, name: str = "cloud") -> str:
         """Name of the RQ queue served by cloud workers (RQ adds its own 'rq:queue:' prefix)."""
         return f"{self.prefix}-{name}"
+
+    # --- notification channels -------------------------------------------------------------
+    def notify_broken(self) -> str:
+        """Hash channel id -> why the notifier cannot use it (written when the notifier starts)."""
+        return self._k("notify", "broken")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,14 @@ log = structlog.get_logger(__name__)
 
 class RedisUnavailable(RuntimeError):
     """Redis cannot be reached or is not usable; the message says why."""
+
+
+class RedisUnreachable(RedisUnavailable):
+    """No answer from the server (refused, timed out, unknown host): worth retrying, unlike a refused login."""
+
+
+class StoppedWaiting(RedisUnavailable):
+    """Stopped (Ctrl-C, SIGTERM) while waiting for the server: a clean stop, not an error."""
 
 
 class _Retry(Retry):
@@ -94,6 +103,21 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+def server_address(client: redis.Redis) -> str:
+    """Where ``client`` connects (host:port or socket path; never the password)."""
+    kw = client.connection_pool.connection_kwargs
+    return str(kw["path"]) if kw.get("path") else f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
+def probe(cfg: RedisSettings, url: str) -> None:
+    """One PING and version check without reconnect retries; raises RedisUnavailable at once."""
+    client = connect(cfg.model_copy(update={"retry_attempts": 0}), url)
+    try:
+        check(client, cfg.min_server_version)
+    finally:
+        client.close()
+
+
 def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
     """PING and check the server version. Returns server info; raises RedisUnavailable."""
     try:
@@ -104,7 +128,7 @@ def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
     except redis.ResponseError as exc:
         raise RedisUnavailable(f"server refused the command: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {server_address(client)}: {exc}") from None
     version = str(info.get("redis_version", "0"))
     if _version_tuple(version) < _version_tuple(min_version):
         raise RedisUnavailable(f"Redis {version} is too old: fallwatch needs {min_version} or newer")
@@ -252,8 +276,9 @@ class RedisHandle:
     ``with RedisHandle(cfg) as h: h.client``. The embedded server, if any, stops on exit.
     """
 
-    def __init__(self, cfg: RedisSettings):
+    def __init__(self, cfg: RedisSettings, stop: threading.Event | None = None):
         self.cfg = cfg
+        self.stop = stop  # given (long-running roles): wait for an unreachable server until it is set
         self.embedded: EmbeddedRedis | None = None
         self.shared_url: str | None = None
         self._client: redis.Redis | None = None
@@ -274,7 +299,27 @@ class RedisHandle:
                 self.shared_url = server.url  # `fallwatch redis` or `fallwatch up` already runs it
             else:
                 self.embedded = server.start()
+                return self
+        self._reach()
         return self
+
+    def _reach(self) -> None:
+        """Fail at once (one-shot commands), or say so at once and retry until ``stop`` (roles)."""
+        backoff, said = self.cfg.retry_base_s, False
+        while True:
+            try:
+                return probe(self.cfg, self.url)
+            except RedisUnreachable as exc:
+                if self.stop is None:
+                    raise
+                if self.stop.is_set():
+                    raise StoppedWaiting(str(exc)) from None
+                if not said:
+                    said = True
+                    print(f"{exc}; retrying (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                log.warning("redis_unreachable", error=str(exc), retry_in_s=backoff)
+                self.stop.wait(backoff)
+                backoff = min(2 * backoff, self.cfg.retry_cap_s)
 
     @property
     def client(self) -> redis.Redis:

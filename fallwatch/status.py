@@ -112,6 +112,7 @@ class StatusSnapshot(Record):
     events: list[EventRow]
     scoring: ScoringRow
     problems: list[str] = Field(default_factory=list, description="Entries that could not be read.")
+    down: list[str] = Field(default_factory=list, description="Roles expected here with no live worker.")
 
 
 # --- gathering -----------------------------------------------------------------------------------
@@ -259,19 +260,32 @@ def scoring_row(client: redis.Redis, keys: Keys) -> ScoringRow:
                       by_decider=by)
 
 
+def broken_channels(client: redis.Redis, keys: Keys) -> list[str]:
+    """Why the notifier cannot use a channel, one line each."""
+    return [f"notifications: {_s(v)}" for v in sorted(client.hvals(keys.notify_broken()))]
+
+
+def down_roles(settings: Settings, workers: list[WorkerRow]) -> list[str]:
+    """Roles with no live heartbeat (ingest only when a camera is enabled)."""
+    expected = ["ingest"] if any(c.enabled for c in settings.cameras) else []
+    live = {w.role for w in workers}
+    return [r for r in (*expected, "edge", "cloud", "alerts") if r not in live]
+
+
 def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS,
            now: float | None = None) -> StatusSnapshot:
     """A read-only snapshot of cameras, streams, queue, workers, recent events and offload rate."""
     keys = Keys(settings.redis.key_prefix)
     now = time.time() if now is None else now
-    problems: list[str] = []
+    problems: list[str] = broken_channels(client, keys)
+    workers = worker_rows(client, keys)
     return StatusSnapshot(
         at=now, key_prefix=keys.prefix, redis=redis_info(client),
         cameras=[camera_row(client, keys, settings, cid, now) for cid in camera_ids(client, keys, settings)],
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
-        queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
+        queue=queue_row(client, keys, settings), workers=workers,
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
-        problems=problems,
+        problems=problems, down=down_roles(settings, workers),
     )
 
 
@@ -330,6 +344,8 @@ def _workers_table(snap: StatusSnapshot) -> Any:
     for w in snap.workers:
         age = snap.at - w.last_beat_at if w.last_beat_at is not None else None
         t.add_row(w.role, w.name, _ago(age), w.metrics or "-")
+    for role in snap.down:
+        t.add_row(role, "[red]down[/] (no live worker)", "-", "-")
     q = snap.queue
     t.caption = (f"RQ queue {q.name}: {q.depth} waiting, {q.started} running, {q.failed} failed, "
                  f"{q.workers} RQ workers")

@@ -20,7 +20,7 @@ def ingest_cmd(
     camera: Annotated[Optional[list[str]], typer.Option("--camera", help="Camera id (repeatable); default: every enabled camera.")] = None,
 ) -> None:
     """Ingest the configured cameras into the frames stream until Ctrl-C / SIGTERM."""
-    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
     from ingest.camera import run_cameras, select_cameras  # noqa: PLC0415
 
     actx = app_context(ctx)
@@ -34,14 +34,8 @@ def ingest_cmd(
         typer.secho("no enabled cameras in settings (cameras: [...] in the config file)", fg="red", err=True)
         raise typer.Exit(2)
     stop = stop_on_signals()
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            with _alive(settings, handle.client, actx.keys, stop):
-                run_cameras(settings, cameras, handle.client, actx.keys, stop)
-    except RedisUnavailable as exc:
-        typer.secho(f"Redis unavailable: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis, stop) as handle, _alive(settings, handle.client, actx.keys, stop):
+        run_cameras(settings, cameras, handle.client, actx.keys, stop)
 
 
 @contextmanager
@@ -81,7 +75,7 @@ def replay_cmd(
 ) -> None:
     """Replay a labelled dataset or labelled videos onto the frames stream, ground truth attached."""
     from fallwatch.datasets import DatasetError  # noqa: PLC0415
-    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
     from ingest.replay import CAMERA_ID, dataset_source, run_replay, video_source  # noqa: PLC0415
     from ingest.sources import SourceError  # noqa: PLC0415
 
@@ -102,14 +96,9 @@ def replay_cmd(
         typer.secho(f"--camera-id {camera_id!r}: use 1-64 of A-Z a-z 0-9 _ -", fg="red", err=True)
         raise typer.Exit(2)
     stop = stop_on_signals()
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            result = run_replay(settings, source, handle.client, actx.keys, stop, fps=fps, loop=loop,
-                                camera_id=camera_id, limit=limit, speed=speed)
-    except RedisUnavailable as exc:
-        typer.secho(f"Redis unavailable: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis) as handle:
+        result = run_replay(settings, source, handle.client, actx.keys, stop, fps=fps, loop=loop,
+                            camera_id=camera_id, limit=limit, speed=speed)
     typer.echo(f"replayed {result.items} items ({result.frames} frames) as camera {result.camera_id} "
                f"in {result.seconds:.1f}s")
 

@@ -205,7 +205,7 @@ def test_ack_command(cfg, redis_url, r, keys, clock) -> None:
     assert "acknowledged by night shift" in result.output
     assert load_event(r, keys, ev.event_id).acknowledged
     missing = CliRunner().invoke(app, ["alerts", "ack", "no-such-event"], env=env)
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
 
 
 def test_history_is_bounded_in_time_and_count() -> None:

@@ -234,5 +234,5 @@ def test_message_texts() -> None:
 def test_apprise_channel_rejects_unknown_schemes() -> None:
     from pydantic import SecretStr
 
-    with pytest.raises(ValueError, match="does not accept"):
+    with pytest.raises(ValueError, match="unknown notification scheme"):
         AppriseChannel(SecretStr("nosuchscheme://token@host"))
