@@ -23,7 +23,8 @@ Times
     whichever of the two notices it.
 
 Camera offline
-    ``CameraStatus`` offline starts a ``camera_offline`` event, online ends it.
+    ``CameraStatus`` offline starts a ``camera_offline`` event once the camera has stayed offline for
+    ``alerts.offline_grace_s`` (checked by the timer; a shorter drop raises nothing), online ends it.
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ class CameraAlertState(BaseModel):
     last_fall_at: float = 0.0
     cooldown_until: float = 0.0
     offline_event: str | None = None
+    offline_since: float | None = None  # offline, within the grace period: no event yet
+    offline_reason: str = ""
 
     @property
     def active(self) -> bool:
-        return self.fall_event is not None or self.offline_event is not None
+        return self.fall_event is not None or self.offline_event is not None or self.offline_since is not None
 
 
 @dataclass(frozen=True)
@@ -160,18 +163,32 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
 
 
 def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transition:
-    """End a fall event that has been quiet for ``quiet_s`` of wall-clock time."""
+    """End a fall event that has been quiet for ``quiet_s`` of wall-clock time; start the offline event
+    of a camera offline for longer than ``offline_grace_s``."""
+    if state.offline_since is not None and now - state.offline_since >= cfg.offline_grace_s:
+        state, steps = _offline(state, state.offline_since, state.offline_reason)
+        more = on_tick(state, now, cfg)
+        return more[0], steps + more[1]
     if state.fall_event is not None and now - state.last_fall_at > cfg.quiet_s:
         return _end(state, cfg)
     return state, []
 
 
-def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
-    """Offline starts a camera_offline event, online ends it; repeats and planned stops change nothing."""
-    if status.state is CameraState.OFFLINE and state.offline_event is None and not status.expected:
-        step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
-                    description=status.reason or None)
-        return state.model_copy(update={"offline_event": step.event_id}), [step]
+def _offline(state: CameraAlertState, at: float, reason: str) -> Transition:
+    step = Step(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=at, description=reason or None)
+    return state.model_copy(update={"offline_event": step.event_id, "offline_since": None}), [step]
+
+
+def on_status(state: CameraAlertState, status: CameraStatus, grace_s: float = 0.0) -> Transition:
+    """Offline starts a camera_offline event (after ``grace_s``, through :func:`on_tick`), online ends it;
+    repeats, planned stops and drops shorter than the grace period raise nothing."""
+    offline = status.state is CameraState.OFFLINE and not status.expected
+    if offline and state.offline_event is None and state.offline_since is None:
+        if grace_s <= 0:
+            return _offline(state, status.at, status.reason)
+        return state.model_copy(update={"offline_since": status.at, "offline_reason": status.reason}), []
+    if status.state is not CameraState.OFFLINE and state.offline_since is not None:
+        return state.model_copy(update={"offline_since": None, "offline_reason": ""}), []
     if status.state is CameraState.ONLINE and state.offline_event is not None:
         step = Step(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
                     description=status.reason or None)

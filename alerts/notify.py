@@ -43,7 +43,7 @@ from fallwatch.checks import url_problem
 from fallwatch.keys import Keys
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.logging import redact_text
-from fallwatch.schemas import AlertEvent, Decider, EventKind, SchemaError, now
+from fallwatch.schemas import AlertEvent, Decider, EventKind, EventType, SchemaError, now
 from fallwatch.settings import NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
@@ -71,6 +71,12 @@ class Delivery(BaseModel):
     body: str
     frame_id: str | None = None
     created_at: float = Field(default_factory=now)
+    step: str = Field("start", pattern=r"^(start|end)$", description="end: a camera back online")
+
+    @property
+    def marker_id(self) -> str:
+        """What the delivered marker is keyed by (the event's start and its end are two notifications)."""
+        return self.event_id if self.step == "start" else f"{self.event_id}:{self.step}"
 
     def to_fields(self) -> dict[bytes, bytes]:
         return {OUTBOX_FIELD: self.model_dump_json().encode()}
@@ -111,9 +117,17 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def notifies(event: AlertEvent) -> bool:
+    """An event's start is notified, and so is a camera coming back online."""
+    return event.type is EventType.START or (event.type is EventType.END and event.kind is EventKind.CAMERA_OFFLINE)
+
+
 def compose(event: AlertEvent) -> tuple[str, str]:
-    """Title and body of the notification of an event's start."""
+    """Title and body of the notification of an event's start (or of a camera back online)."""
     name = event.camera_name or event.camera_id
+    if event.kind is EventKind.CAMERA_OFFLINE and event.type is EventType.END:
+        down = f" after {max(0.0, event.at - event.started_at):.0f} s offline" if event.started_at else ""
+        return f"Camera back online: {name}", f"Camera {name} is back online at {_when(event.at)}{down}."
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
@@ -125,11 +139,14 @@ def compose(event: AlertEvent) -> tuple[str, str]:
 
 
 def deliveries_for(event: AlertEvent, settings: Settings) -> list[Delivery]:
-    """The outbox entries owed for an event's start, one per channel."""
+    """The outbox entries owed for an event (its start; a camera back online), one per channel."""
+    if not notifies(event):
+        return []
     title, body = compose(event)
     frame = event.frame_ids[-1] if event.frame_ids else None
+    step = "start" if event.type is EventType.START else "end"
     return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
-                     title=title, body=body, frame_id=frame)
+                     title=title, body=body, frame_id=frame, step=step)
             for ch in channel_ids_for(settings, event.camera_id)]
 
 
@@ -201,7 +218,8 @@ class NotificationChannel(ABC):
         """Send the notification now; True when the service accepted it."""
 
     def in_cooldown(self, note: Delivery) -> bool:
-        return self.cooldown_s > 0 and self.cooldowns.active(self.name, note)
+        """A camera back online is always told (it follows an offline notice)."""
+        return self.cooldown_s > 0 and note.step == "start" and self.cooldowns.active(self.name, note)
 
     def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
         if self.in_cooldown(note):
@@ -213,7 +231,7 @@ class NotificationChannel(ABC):
             ok = False
         if not ok:
             return DeliveryStatus.FAILED
-        if self.cooldown_s > 0:
+        if self.cooldown_s > 0 and note.step == "start":
             self.cooldowns.start(self.name, note, self.cooldown_s)
         return DeliveryStatus.DELIVERED
 
@@ -413,7 +431,7 @@ class Notifier:
             return "owed"
         if channel is None:
             return self._dead(entry, "unknown_channel", f"channel {note.channel} is not configured any more")
-        marker = self.keys.delivered(note.event_id, note.channel)
+        marker = self.keys.delivered(note.marker_id, note.channel)
         if self.client.exists(marker):
             self._finish(entry)
             return "skipped"

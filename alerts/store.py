@@ -96,7 +96,7 @@ class EventStore:
         return self.transact(verdict.camera_id, lambda s: on_final(s, verdict, self.cfg))
 
     def apply_status(self, status: CameraStatus) -> list[AlertEvent]:
-        return self.transact(status.camera_id, lambda s: on_status(s, status))
+        return self.transact(status.camera_id, lambda s: on_status(s, status, self.cfg.offline_grace_s))
 
     def tick(self) -> list[AlertEvent]:
         """End fall events that have been quiet long enough, on every camera with an active event."""
@@ -152,9 +152,8 @@ class EventStore:
         pipe.hset(self.keys.camera_state(camera_id), mapping={"state": state.model_dump_json(), "camera_id": camera_id})
         for ev in events:
             write_event(pipe, self.keys, ev, active=ev.type is not EventType.END, maxlen=self.cfg.stream_maxlen)
-            if ev.type is EventType.START:
-                for delivery in deliveries_for(ev, self.settings):
-                    pipe.xadd(self.keys.notify_outbox_stream(), delivery.to_fields())
+            for delivery in deliveries_for(ev, self.settings):
+                pipe.xadd(self.keys.notify_outbox_stream(), delivery.to_fields())
         if state.active:
             pipe.sadd(self.keys.alert_cameras(), camera_id)
         else:

@@ -163,6 +163,9 @@ class AlertsSettings(Section):
     cooldown_s: float = Field(60.0, ge=0, le=86400, description="No new event on a camera for this long after one.")
     quiet_s: float = Field(30.0, gt=0, le=86400, description="An event ends after this long without falls.")
     stream_maxlen: int = Field(100_000, ge=100, le=100_000_000, description="Approximate MAXLEN of the alerts stream.")
+    offline_grace_s: float = Field(10.0, ge=0, le=3600,
+                                   description="A camera offline this long starts a camera_offline event (and its "
+                                               "notification); a shorter drop raises none. Status shows it at once.")
 
     @model_validator(mode="after")
     def _k_within_n(self) -> "AlertsSettings":

@@ -114,7 +114,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def cfg(redis_url: str, r: redis.Redis) -> Settings:
-    return Settings(redis={"url": redis_url}, alerts=CFG.model_dump(),
+    return Settings(redis={"url": redis_url}, alerts={**CFG.model_dump(), "offline_grace_s": 0},
                     cameras=[{"id": "cam1", "name": "Room 12", "url": "rtsp://cam.local/1"}])
 
 

@@ -423,7 +423,7 @@ def test_camera_stall_raises_an_offline_alert_that_ends_when_it_recovers(server,
     with StallingCamera(mpegts_clip(frames=600, fps=10), clip_s=60, stalls=1) as camera:
         cams = [{"id": "hall", "name": "Hall", "url": camera.url}]
         settings = dict(cameras=cams, ingest__fps=2, ingest__read_timeout_s=1.5, ingest__open_timeout_s=5,
-                        ingest__reconnect_base_s=0.5)
+                        ingest__reconnect_base_s=0.5, alerts__offline_grace_s=0)
         with Roles(server.url, tmp_path, **settings) as roles:
             roles.start("alerts", "alerts", "--name", "alerts-1", "--no-notify")
             roles.start("ingest", "ingest")
