@@ -127,14 +127,18 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
     typer.echo(format_event(ev))
 
 
-def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
-    from alerts.stats import format_stats, read_stats  # noqa: PLC0415
+def stats_cmd(ctx: typer.Context, as_json: bool, camera: str | None = None, reset: bool = False) -> None:
+    from alerts.stats import format_stats, read_stats, reset_stats  # noqa: PLC0415
     from fallwatch.redis import RedisHandle  # noqa: PLC0415
 
     actx = app_context(ctx)
     with RedisHandle(actx.settings.redis) as handle:
-        report = read_stats(handle.client, actx.keys)
+        report = read_stats(handle.client, actx.keys, camera)
+        if reset:
+            reset_stats(handle.client, actx.keys)
     typer.echo(json.dumps(report.to_dict()) if as_json else format_stats(report))
+    if reset:
+        typer.echo("stats reset: counting starts again from zero", err=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -174,8 +178,10 @@ def register(app: typer.Typer) -> None:
     def stats_command(
         ctx: typer.Context,
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+        camera: Annotated[Optional[str], typer.Option("--camera", help="Only this camera (a replay: its --camera-id).")] = None,
+        reset: Annotated[bool, typer.Option("--reset", help="Print the report, then set every count back to zero.")] = False,
     ) -> None:
         """Online scoring: F1/precision/recall (frames with ground truth), offload rate, latency."""
-        stats_cmd(ctx, as_json)
+        stats_cmd(ctx, as_json, camera, reset)
 
     app.add_typer(alerts_app, name="alerts")

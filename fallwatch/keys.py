@@ -136,3 +136,7 @@ class Keys:
     def notify_broken(self) -> str:
         """Hash channel id -> why the notifier cannot use it (written when the notifier starts)."""
         return self._k("notify", "broken")
+
+    def camera_stats(self, camera_id: str) -> str:
+        """The online-scoring hash of one camera (or replay camera id), beside the total in stats()."""
+        return self._k("stats", "camera", camera_id)
