@@ -82,8 +82,8 @@ def run_service(ctx: typer.Context, name: str | None, notify: bool) -> None:
         raise typer.Exit(1)
 
 
-def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
-    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+def tail(ctx: typer.Context, as_json: bool, history: int, raw: bool = False) -> None:
+    from fallwatch.redis import RedisHandle, redis_cli  # noqa: PLC0415
     from fallwatch.runtime import stop_on_signals  # noqa: PLC0415
     from fallwatch.schemas import AlertEvent, SchemaError, decode  # noqa: PLC0415
 
@@ -103,6 +103,10 @@ def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
         client = handle.client
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(keys.alerts_channel())
+        typer.echo(f"listening on channel {keys.alerts_channel()}; the same from any shell: "
+                   f"{redis_cli(handle.url, 'SUBSCRIBE', keys.alerts_channel())}", err=True)
+        if raw:
+            return _tail_raw(pubsub, stop)
         for _, fields in reversed(client.xrevrange(keys.alerts_stream(), count=history) if history else []):
             show(lambda f=fields: decode(f, expect=AlertEvent)[0])
         while not stop.is_set():
@@ -110,6 +114,16 @@ def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
             if msg is not None:
                 show(lambda m=msg: AlertEvent.from_json(m["data"]))
         pubsub.close()
+
+
+def _tail_raw(pubsub: Any, stop: threading.Event) -> None:
+    """Every message exactly as published on the channel (what a subscriber of your own receives)."""
+    while not stop.is_set():
+        msg = pubsub.get_message(timeout=0.5)
+        if msg is not None:
+            data = msg["data"]
+            typer.echo(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
+    pubsub.close()
 
 
 def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
@@ -161,9 +175,10 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
         history: Annotated[int, typer.Option(min=0, help="First print the last N events of the alerts stream.")] = 0,
+        raw: Annotated[bool, typer.Option("--raw", help="Print each message exactly as published on the channel.")] = False,
     ) -> None:
-        """Print alert events live as they are published."""
-        tail(ctx, as_json, history)
+        """Print alert events live as they are published (and the redis-cli line that does the same)."""
+        tail(ctx, as_json, history, raw)
 
     @alerts_app.command("ack")
     def ack_command(

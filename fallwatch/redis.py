@@ -104,6 +104,20 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+def redis_cli(url: str, *command: str) -> str:
+    """The ``redis-cli`` line that runs ``command`` on the server at ``url`` (a password is asked for)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        args = ["-s", parts.path]
+    else:
+        args = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379)]
+        args += ["--tls"] if parts.scheme == "rediss" else []
+        args += ["-n", parts.path.strip("/")] if parts.path.strip("/") not in ("", "0") else []
+    args += ["--user", parts.username] if parts.username else []
+    args += ["--askpass"] if parts.password else []
+    return " ".join(["redis-cli", *args, *command])
+
+
 def server_address(client: redis.Redis) -> str:
     """Where ``client`` connects (host:port or socket path; never the password)."""
     kw = client.connection_pool.connection_kwargs
