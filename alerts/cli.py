@@ -183,7 +183,7 @@ def register(app: typer.Typer) -> None:
     @alerts_app.command("ack")
     def ack_command(
         ctx: typer.Context,
-        event_id: Annotated[str, typer.Argument(help="Event id (from tail or a notification).")],
+        event_id: Annotated[str, typer.Argument(metavar="EVENT_ID", help="Event id (from tail, status or a notification).")],
         by: Annotated[str, typer.Option("--by", help="Who acknowledges.")] = "cli",
     ) -> None:
         """Acknowledge an alert event (publishes an update)."""

@@ -14,7 +14,7 @@ import click
 import redis
 import structlog
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from fallwatch import __version__
 from fallwatch import logging as fw_logging
@@ -48,6 +48,21 @@ def fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(message, fg="red", err=True)
     raise typer.Exit(code)
 
+
+def _flag_type(self: TyperOption, ctx: click.Context) -> str | None:
+    """Help shows no type for a flag (it takes no value), only for options that take one."""
+    return None if self.is_flag else _VALUE_TYPE(self, ctx)
+
+
+def _usage_name(self: TyperArgument) -> str:
+    """A required argument as click writes it (EVENT_ID), an optional one in brackets ([FILE])."""
+    name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+    return name if self.required else f"[{name}]"
+
+
+_VALUE_TYPE = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
 
 app = typer.Typer(
     cls=_OneLineErrors,
@@ -91,7 +106,7 @@ def root(
 @config_app.command("validate")
 def config_validate(
     ctx: typer.Context,
-    file: Annotated[Optional[Path], typer.Argument(help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
+    file: Annotated[Optional[Path], typer.Argument(metavar="FILE", help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
     paths: Annotated[bool, typer.Option("--paths/--no-paths", help="Check that the files it names exist "
                                         "(--no-paths for a config used inside a container).")] = True,
 ) -> None:
@@ -140,7 +155,7 @@ def redis_cmd(ctx: typer.Context) -> None:
 @app.command("health")
 def health(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts.")] = "redis",
+    role: Annotated[str, typer.Argument(metavar="ROLE", help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts.")] = "redis",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""
@@ -163,9 +178,15 @@ def _report(result: dict[str, object], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result))
     elif result["ok"]:
-        typer.secho(f"healthy: {result}", fg="green")
+        typer.secho("healthy: " + _pairs(result), fg="green")
     else:
         typer.secho(f"unhealthy: {result['error']}", fg="red", err=True)
+
+
+def _pairs(result: dict[str, object]) -> str:
+    """``key=value`` pairs for people (lists comma-separated), without the ok flag."""
+    show = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in result.items() if k != "ok"}
+    return " ".join(f"{k}={v}" for k, v in show.items())
 
 
 def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
@@ -227,7 +248,7 @@ def demo(
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up waiting for final verdicts after this.")] = 150.0,
 ) -> None:
     """Run the whole system end to end on synthetic data and tiny models (or yours), then summarise."""
-    from fallwatch.demo import DemoConfig, run_demo
+    from fallwatch.demo import DemoConfig, format_summary, run_demo
 
     cfg = DemoConfig(workdir=workdir, edge=edge, cloud=cloud, cloud_device=cloud_device, dataset=dataset,
                      clips=clips, timeout_s=timeout_s)
@@ -236,11 +257,11 @@ def demo(
     except RuntimeError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
-    text = json.dumps(summary, indent=2)
-    typer.echo(text)
+    typer.echo(format_summary(summary, tiny="tiny" in (edge, cloud)))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        typer.echo(f"summary JSON: {json_out}")
     if summary["lost"] != 0 or summary["frames_ingested"] == 0:
         typer.secho(f"demo lost {summary['lost']} of {summary['frames_ingested']} frames", fg="red", err=True)
         raise typer.Exit(1)

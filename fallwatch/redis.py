@@ -222,9 +222,11 @@ class EmbeddedRedis:
         if self.socket_path.exists():
             self.socket_path.unlink()
         # Its own session: a terminal's Ctrl-C goes to the foreground group only, so the server outlives
-        # the roles that still flush to it and is stopped last, by stop(); it still dies with its parent.
+        # the roles that still flush to it and is stopped last, by stop(). Started by the main thread, it
+        # also dies with this process (the kernel ties the signal to the thread that started it).
+        main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=_die_with_parent if main else None)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         while time.monotonic() < deadline:

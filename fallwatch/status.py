@@ -356,11 +356,11 @@ def _events_table(snap: StatusSnapshot) -> Any:
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(title="Recent events", title_justify="left", expand=True)
-    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack"):
+    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack", "event (for alerts ack)"):
         t.add_column(col)
     for e in snap.events:
         t.add_row(_ago(snap.at - e.at), e.type, e.kind, e.camera_name, _num(e.confidence, "{:.0%}"),
-                  e.decided_by or "-", "yes" if e.acknowledged else "")
+                  e.decided_by or "-", "yes" if e.acknowledged else "", e.event_id)
     sc = snap.scoring
     t.caption = (f"final verdicts {sc.finals}, offloaded {sc.offloaded} ({_num(sc.offload_rate, '{:.1%}')}); "
                  + ", ".join(f"{k} {v}" for k, v in sc.by_decider.items()))
