@@ -122,7 +122,7 @@ def alert_events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:
     return [m for m in read_all(r, keys.alerts_stream()) if isinstance(m, AlertEvent)]
 
 
-def published(sub: redis.client.PubSub, wait_s: float = 1.0) -> list[AlertEvent]:
+def published(sub: redis.client.PubSub, wait_s: float = 20.0) -> list[AlertEvent]:
     """Events received on the channel (the first call also consumes the subscribe reply)."""
     out: list[AlertEvent] = []
     deadline = time.monotonic() + wait_s
