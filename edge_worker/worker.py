@@ -109,7 +109,8 @@ class EdgeWorker:
         entries = resp[1]
         deleted = list(resp[2]) if len(resp) > 2 else []
         if any(fields is None for _eid, fields in entries):  # Redis < 7 claims trimmed entries as nil
-            deleted += self._trimmed_own_pending()
+            live = {_s(eid) for eid, fields in entries if fields}  # claimed with their data: scored below,
+            deleted += [d for d in self._trimmed_own_pending() if _s(d) not in live]  # even if trimmed since
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
             self.client.incrby(self.keys.counter("frames_trimmed_pending"), len(deleted))

@@ -57,3 +57,35 @@ def test_a_step_writes_outputs_and_acknowledges_together(settings, r: redis.Redi
     assert [decode(f)[0].frame_id for _, f in r.xrange(keys.verdicts_stream())] == ids
     assert worker.queue.count == 1 and all(r.exists(keys.pixels(i)) for i in ids)
     assert r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0
+
+
+def test_entries_claimed_with_their_data_are_scored_not_counted_as_trimmed(settings, r: redis.Redis, keys: Keys,
+                                                                           tiny_edge, monkeypatch) -> None:
+    """Redis 6.2 claims trimmed entries as nil; the worker then looks for its own pending entries that
+    are gone. One it has just claimed with its data may be trimmed in between: it is scored (delivered),
+    so it must not also be counted as trimmed while pending."""
+    settings = offload_all(settings)
+    ids = push_frames(r, keys, 6)
+    dead = EdgeWorker(settings, r, keys, tiny_edge, name="dead")
+    dead.ensure_group()
+    entries = dead.read(block_ms=0)
+    assert len(entries) == 6
+    r.xtrim(keys.frames_stream(), minid=entries[2][0])     # the two oldest are trimmed while pending
+    alive = EdgeWorker(settings, r, keys, tiny_edge, name="alive")
+    claim = r.xautoclaim
+
+    def claim_then_trim(*args, **kwargs):                     # ingest trims the rest right after the claim
+        resp = claim(*args, **kwargs)
+        if resp[1]:
+            r.xtrim(keys.frames_stream(), maxlen=0)
+        return resp
+    monkeypatch.setattr(r, "xautoclaim", claim_then_trim)
+    got: list = []
+    assert wait_for(lambda: got.extend(alive.claim()) or got, 10)
+    res = alive.process(got)
+    delivered = {decode(f)[0].frame_id for _, f in r.xrange(keys.verdicts_stream())}
+    trimmed = int(r.get(keys.counter("frames_trimmed_pending")) or 0)
+    if r.info("server")["redis_version"] >= "7":
+        pytest.skip("Redis 7 reports deleted ids atomically")
+    assert res.scored == len(delivered) > 0 and len(delivered) + trimmed == len(ids)
+    assert r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0
