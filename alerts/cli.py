@@ -58,58 +58,62 @@ def _guarded(target: Callable[[threading.Event], None], stop: threading.Event, f
     return body
 
 
-def run_service(ctx: typer.Context, name: str | None, notify: bool, mqtt: bool = True) -> None:
+def _workers(settings: Any, client: Any, keys: Any, name: str, notify: bool,
+             mqtt: bool = True) -> list[tuple[str, Callable]]:
     from alerts.notify import Notifier  # noqa: PLC0415 - keeps `fallwatch --help` fast
-    from alerts.service import ROLE, AlertsService  # noqa: PLC0415
+    from alerts.service import AlertsService  # noqa: PLC0415
+
+    workers: list[tuple[str, Callable]] = [("alerts", AlertsService(settings, client, keys, name).run)]
+    if notify:  # a channel that cannot be used is reported by the notifier; the others still run
+        workers.append(("notifier", Notifier(settings, client, keys, f"{name}-notify").run))
+    if mqtt and settings.mqtt.enabled:
+        workers.append(("mqtt", _mqtt_bridge(settings, client, keys).run))
+    return workers
+
+
+def _mqtt_bridge(settings: Any, client: Any, keys: Any) -> Any:
+    from alerts.mqtt import MqttBridge  # noqa: PLC0415
+
+    try:
+        return MqttBridge(settings, client, keys)
+    except (OSError, ValueError) as exc:  # unreadable CA, certificate or key
+        m = settings.mqtt
+        files = ", ".join(str(f) for f in (m.ca_certs, m.certfile, m.keyfile) if f)
+        typer.secho(f"mqtt: cannot load the TLS files ({files}): {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run_threads(workers: list[tuple[str, Callable]], stop: threading.Event, failed: list[str]) -> None:
+    threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
+               for label, fn in workers]
+    for t in threads:
+        t.start()
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(timeout=10)
+
+
+def run_service(ctx: typer.Context, name: str | None, notify: bool, mqtt: bool = True) -> None:
+    from alerts.service import ROLE  # noqa: PLC0415
     from fallwatch.metrics import start_role  # noqa: PLC0415
-    from fallwatch.redis import RedisHandle, RedisUnavailable, check  # noqa: PLC0415
+    from fallwatch.redis import RedisHandle  # noqa: PLC0415
     from fallwatch.runtime import stop_on_signals, worker_name  # noqa: PLC0415
 
     actx = app_context(ctx)
-    settings, keys = actx.settings, actx.keys
+    settings = actx.settings
     name = name or worker_name(ROLE)
     start_role(settings.metrics, ROLE, name)
     stop = stop_on_signals()
     failed: list[str] = []
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            workers = [("alerts", AlertsService(settings, handle.client, keys, name).run)]
-            if notify:
-                try:
-                    notifier = Notifier(settings, handle.client, keys, f"{name}-notify")
-                except ValueError as exc:
-                    typer.secho(f"notifications: {exc}", fg="red", err=True)
-                    raise typer.Exit(2) from None
-                workers.append(("notifier", notifier.run))
-            if mqtt and settings.mqtt.enabled:
-                from alerts.mqtt import MqttBridge  # noqa: PLC0415
-
-                try:
-                    bridge = MqttBridge(settings, handle.client, keys)
-                except (OSError, ValueError) as exc:  # unreadable CA, certificate or key
-                    m = settings.mqtt
-                    files = ", ".join(str(f) for f in (m.ca_certs, m.certfile, m.keyfile) if f)
-                    typer.secho(f"mqtt: cannot load the TLS files ({files}): {exc}", fg="red", err=True)
-                    raise typer.Exit(2) from None
-                workers.append(("mqtt", bridge.run))
-            threads = [threading.Thread(target=_guarded(fn, stop, failed, label), name=label, daemon=True)
-                       for label, fn in workers]
-            for t in threads:
-                t.start()
-            while not stop.wait(0.5):
-                pass
-            for t in threads:
-                t.join(timeout=10)
-    except RedisUnavailable as exc:
-        typer.secho(f"alerts: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis, stop) as handle:
+        _run_threads(_workers(settings, handle.client, actx.keys, name, notify, mqtt), stop, failed)
     if failed:
         raise typer.Exit(1)
 
 
-def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
-    from fallwatch.redis import RedisHandle  # noqa: PLC0415
+def tail(ctx: typer.Context, as_json: bool, history: int, raw: bool = False) -> None:
+    from fallwatch.redis import RedisHandle, redis_cli  # noqa: PLC0415
     from fallwatch.runtime import stop_on_signals  # noqa: PLC0415
     from fallwatch.schemas import AlertEvent, SchemaError, decode  # noqa: PLC0415
 
@@ -129,6 +133,10 @@ def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
         client = handle.client
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(keys.alerts_channel())
+        typer.echo(f"listening on channel {keys.alerts_channel()}; the same from any shell: "
+                   f"{redis_cli(handle.url, 'SUBSCRIBE', keys.alerts_channel())}", err=True)
+        if raw:
+            return _tail_raw(pubsub, stop)
         for _, fields in reversed(client.xrevrange(keys.alerts_stream(), count=history) if history else []):
             show(lambda f=fields: decode(f, expect=AlertEvent)[0])
         while not stop.is_set():
@@ -136,6 +144,16 @@ def tail(ctx: typer.Context, as_json: bool, history: int) -> None:
             if msg is not None:
                 show(lambda m=msg: AlertEvent.from_json(m["data"]))
         pubsub.close()
+
+
+def _tail_raw(pubsub: Any, stop: threading.Event) -> None:
+    """Every message exactly as published on the channel (what a subscriber of your own receives)."""
+    while not stop.is_set():
+        msg = pubsub.get_message(timeout=0.5)
+        if msg is not None:
+            data = msg["data"]
+            typer.echo(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
+    pubsub.close()
 
 
 def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
@@ -147,8 +165,9 @@ def acknowledge_cmd(ctx: typer.Context, event_id: str, by: str) -> None:
         try:
             ev = acknowledge(handle.client, actx.keys, event_id, by, actx.settings.alerts.stream_maxlen)
         except EventNotFound:
-            typer.secho(f"no alert event {event_id!r}", fg="red", err=True)
-            raise typer.Exit(1) from None
+            typer.secho(f"no alert event {event_id!r} (see `fallwatch status` or `fallwatch alerts tail --history 20`)",
+                        fg="red", err=True)
+            raise typer.Exit(2) from None
     typer.echo(format_event(ev))
 
 
@@ -201,14 +220,18 @@ def outcomes_cmd(ctx: typer.Context, out: Path | None, dmd: Path | None, as_json
                        f"not sure {p['not_sure']}  precision {prec}")
 
 
-def stats_cmd(ctx: typer.Context, as_json: bool) -> None:
-    from alerts.stats import format_stats, read_stats  # noqa: PLC0415
+def stats_cmd(ctx: typer.Context, as_json: bool, camera: str | None = None, reset: bool = False) -> None:
+    from alerts.stats import format_stats, read_stats, reset_stats  # noqa: PLC0415
     from fallwatch.redis import RedisHandle  # noqa: PLC0415
 
     actx = app_context(ctx)
     with RedisHandle(actx.settings.redis) as handle:
-        report = read_stats(handle.client, actx.keys)
+        report = read_stats(handle.client, actx.keys, camera)
+        if reset:
+            reset_stats(handle.client, actx.keys)
     typer.echo(json.dumps(report.to_dict()) if as_json else format_stats(report))
+    if reset:
+        typer.echo("stats reset: counting starts again from zero", err=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -233,14 +256,15 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
         history: Annotated[int, typer.Option(min=0, help="First print the last N events of the alerts stream.")] = 0,
+        raw: Annotated[bool, typer.Option("--raw", help="Print each message exactly as published on the channel.")] = False,
     ) -> None:
-        """Print alert events live as they are published."""
-        tail(ctx, as_json, history)
+        """Print alert events live as they are published (and the redis-cli line that does the same)."""
+        tail(ctx, as_json, history, raw)
 
     @alerts_app.command("ack")
     def ack_command(
         ctx: typer.Context,
-        event_id: Annotated[str, typer.Argument(help="Event id (from tail or a notification).")],
+        event_id: Annotated[str, typer.Argument(metavar="EVENT_ID", help="Event id (from tail, status or a notification).")],
         by: Annotated[str, typer.Option("--by", help="Who acknowledges.")] = "cli",
     ) -> None:
         """Acknowledge an alert event (publishes an update)."""
@@ -275,8 +299,10 @@ def register(app: typer.Typer) -> None:
     def stats_command(
         ctx: typer.Context,
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+        camera: Annotated[Optional[str], typer.Option("--camera", help="Only this camera (a replay: its --camera-id).")] = None,
+        reset: Annotated[bool, typer.Option("--reset", help="Print the report, then set every count back to zero.")] = False,
     ) -> None:
         """Online scoring: F1/precision/recall (frames with ground truth), offload rate, latency."""
-        stats_cmd(ctx, as_json)
+        stats_cmd(ctx, as_json, camera, reset)
 
     app.add_typer(alerts_app, name="alerts")

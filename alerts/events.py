@@ -26,7 +26,8 @@ Times
     quiet_s``, whichever of the two notices it.
 
 Camera offline
-    ``CameraStatus`` offline starts a ``camera_offline`` event, online ends it.
+    ``CameraStatus`` offline starts a ``camera_offline`` event once the camera has stayed offline for
+    ``alerts.offline_grace_s`` (checked by the timer; a shorter drop raises nothing), online ends it.
 """
 
 from __future__ import annotations
@@ -134,10 +135,20 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
 
 
 def on_tick(state: CameraAlertState, now: float, cfg: AlertsSettings) -> Transition:
-    """Mark a fall event no longer seen once it has been quiet for ``quiet_s`` of wall-clock time."""
+    """Mark a fall event no longer seen once it has been quiet for ``quiet_s`` of wall-clock time;
+    start the offline event of a camera offline for longer than ``offline_grace_s``."""
+    if state.offline_since is not None and now - state.offline_since >= cfg.offline_grace_s:
+        state, steps = _offline(state, state.offline_since, state.offline_reason)
+        more = on_tick(state, now, cfg)
+        return more[0], steps + more[1]
     if _quiet(state, now, cfg):
         return _unseen(state, cfg)
     return state, []
+
+
+def _offline(state: CameraAlertState, at: float, reason: str) -> Transition:
+    step = EventStep(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=at, description=reason or None)
+    return state.model_copy(update={"offline_event": step.event_id, "offline_since": None}), [step]
 
 
 def on_resolve(state: CameraAlertState, event_id: str, at: float, cooldown_s: float) -> CameraAlertState:
@@ -150,12 +161,16 @@ def on_resolve(state: CameraAlertState, event_id: str, at: float, cooldown_s: fl
     return state
 
 
-def on_status(state: CameraAlertState, status: CameraStatus) -> Transition:
-    """Offline starts a camera_offline event, online ends it; repeats and planned stops change nothing."""
-    if status.state is CameraState.OFFLINE and state.offline_event is None and not status.expected:
-        step = EventStep(EventType.START, EventKind.CAMERA_OFFLINE, new_id(), at=status.at,
-                    description=status.reason or None)
-        return state.model_copy(update={"offline_event": step.event_id}), [step]
+def on_status(state: CameraAlertState, status: CameraStatus, grace_s: float = 0.0) -> Transition:
+    """Offline starts a camera_offline event (after ``grace_s``, through :func:`on_tick`), online ends it;
+    repeats, planned stops and drops shorter than the grace period raise nothing."""
+    offline = status.state is CameraState.OFFLINE and not status.expected
+    if offline and state.offline_event is None and state.offline_since is None:
+        if grace_s <= 0:
+            return _offline(state, status.at, status.reason)
+        return state.model_copy(update={"offline_since": status.at, "offline_reason": status.reason}), []
+    if status.state is not CameraState.OFFLINE and state.offline_since is not None:
+        return state.model_copy(update={"offline_since": None, "offline_reason": ""}), []
     if status.state is CameraState.ONLINE and state.offline_event is not None:
         step = EventStep(EventType.END, EventKind.CAMERA_OFFLINE, state.offline_event, at=status.at,
                     description=status.reason or None)

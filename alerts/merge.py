@@ -49,7 +49,10 @@ for i = 6, 5 + n do xargs[#xargs + 1] = ARGV[i] end
 local id = redis.call('XADD', unpack(xargs))
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4], KEYS[5])
-for i = 6 + n, #ARGV, 2 do redis.call('HINCRBY', KEYS[6], ARGV[i], ARGV[i + 1]) end
+for i = 6 + n, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[6], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1])
+end
 return id
 """
 
@@ -61,8 +64,10 @@ if not v or string.sub(v, 1, 1) ~= 'u' then return false end
 local fall = string.sub(v, 2, 2) == '1'
 local f
 if ARGV[1] == '1' then f = fall and 'tp' or 'fn' else f = fall and 'fp' or 'tn' end
-redis.call('HINCRBY', KEYS[2], f, 1)
-redis.call('HINCRBY', KEYS[2], 'scored', 1)
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], f, 1)
+  redis.call('HINCRBY', KEYS[i], 'scored', 1)
+end
 redis.call('SET', KEYS[1], 's', 'KEEPTTL')
 return f
 """
@@ -172,7 +177,7 @@ class VerdictMerger:
         k = self.keys
         entry_id = self._finalize(
             keys=[k.final_done(fid), k.final_stream(), k.pending_verdicts(), k.pending_edge(fid),
-                  k.pending_cloud(fid), k.stats()],
+                  k.pending_cloud(fid), k.stats(), k.camera_stats(final.camera_id)],
             args=[fid, marker, self.done_ttl_s, FINAL_MAXLEN, len(fields), *fields, *incs],
         )
         if entry_id is None:
@@ -192,7 +197,8 @@ class VerdictMerger:
 
     def _score_if_late(self, v: EdgeVerdict) -> None:
         if v.gt_fall is not None:
-            self._score_late(keys=[self.keys.final_done(v.frame_id), self.keys.stats()], args=[int(v.gt_fall)])
+            self._score_late(keys=[self.keys.final_done(v.frame_id), self.keys.stats(),
+                                   self.keys.camera_stats(v.camera_id)], args=[int(v.gt_fall)])
 
     # --- building final verdicts -------------------------------------------------------------
     def _latency_ms(self, captured_at: float, now: float) -> float:

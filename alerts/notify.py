@@ -40,13 +40,14 @@ import structlog
 from pydantic import SecretStr
 
 from fallwatch.streams import Entry, ack, dead_letter, ensure_group, read_group, read_own_pending
+from fallwatch.checks import url_problem
 from fallwatch.defaults import DELIVERED_TTL_S
 from fallwatch.keys import Keys, text
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.registry import SchemeRegistry
 from fallwatch.role import RoleLoop
 from fallwatch.logging import redact_text
-from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, SchemaError, decode
+from fallwatch.schemas import AlertEvent, Decider, Delivery, EventKind, EventType, SchemaError, decode
 from fallwatch.settings import CloudSettings, EdgeSettings, NotificationSettings, Settings
 
 log = structlog.get_logger(__name__)
@@ -110,12 +111,20 @@ def model_names(settings: Settings | None) -> dict[str, str]:
     return {"edge": PurePath(edge).name or edge, "cloud": PurePath(cloud).name or cloud}
 
 
+def notifies(event: AlertEvent) -> bool:
+    """An event's start is notified, and so is a camera coming back online."""
+    return event.type is EventType.START or (event.type is EventType.END and event.kind is EventKind.CAMERA_OFFLINE)
+
+
 def compose(event: AlertEvent, settings: Settings | None = None) -> tuple[str, str]:
     """Title and body of the notification of an event's start or of one of its escalation tiers
     (models named as ``settings`` has them)."""
     name = event.camera_name or event.camera_id
     if event.kind is EventKind.SWITCHER_DRIFT:
         return f"Switcher drift: {name}", f"DMD switcher drift on {name} since {_when(event.started_at)}: {event.description}"
+    if event.kind is EventKind.CAMERA_OFFLINE and event.type is EventType.END:
+        down = f" after {max(0.0, event.at - event.started_at):.0f} s offline" if event.started_at else ""
+        return f"Camera back online: {name}", f"Camera {name} is back online at {_when(event.at)}{down}."
     if event.kind is EventKind.CAMERA_OFFLINE:
         reason = f" Reason: {event.description}." if event.description else ""
         return f"Camera offline: {name}", f"Camera {name} went offline at {_when(event.started_at)}.{reason}"
@@ -132,11 +141,14 @@ def compose(event: AlertEvent, settings: Settings | None = None) -> tuple[str, s
 
 
 def deliveries_for(event: AlertEvent, settings: Settings) -> list[Delivery]:
-    """The outbox entries owed for an event's start, one per channel."""
+    """The outbox entries owed for an event (its start; a camera back online), one per channel."""
+    if not notifies(event):
+        return []
     title, body = compose(event, settings)
     frame = event.frame_ids[-1] if event.frame_ids else None
+    step = "start" if event.type is EventType.START else "end"
     return [Delivery(event_id=event.event_id, channel=ch, camera_id=event.camera_id, kind=event.kind,
-                     title=title, body=body, frame_id=frame)
+                     title=title, body=body, frame_id=frame, step=step)
             for ch in channel_ids_for(settings, event.camera_id)]
 
 
@@ -208,8 +220,9 @@ class NotificationChannel(ABC):
         """Send the notification now; True when the service accepted it."""
 
     def in_cooldown(self, note: Delivery) -> bool:
-        """An escalation (tier 2 and up) of a fall nobody took is never held back by the cooldown."""
-        return self.cooldown_s > 0 and note.tier <= 1 and self.cooldowns.active(self.name, note)
+        """An escalation (tier 2 and up) of a fall nobody took, and a camera back online (it follows an
+        offline notice), are never held back by the cooldown."""
+        return self.cooldown_s > 0 and note.tier <= 1 and note.step == "start" and self.cooldowns.active(self.name, note)
 
     def send(self, note: Delivery, attachment: Path | None = None) -> DeliveryStatus:
         if self.in_cooldown(note):
@@ -221,7 +234,7 @@ class NotificationChannel(ABC):
             ok = False
         if not ok:
             return DeliveryStatus.FAILED
-        if self.cooldown_s > 0:
+        if self.cooldown_s > 0 and note.step == "start":
             self.cooldowns.start(self.name, note, self.cooldown_s)
         return DeliveryStatus.DELIVERED
 
@@ -276,9 +289,9 @@ class AppriseChannel(NotificationChannel):
         _SECRETS.add_url(secret)
         self.timeout_s = timeout_s
         self._apprise = apprise.Apprise()
-        if not self._apprise.add(_with_timeouts(secret, timeout_s)):
-            raise ValueError(f"notification channel {self.name}: apprise does not accept this URL "
-                             f"(scheme {urlsplit(secret).scheme!r})")
+        problem = url_problem(secret)
+        if problem is not None or not self._apprise.add(_with_timeouts(secret, timeout_s)):
+            raise ValueError(f"notification channel {self.name}: {problem or 'apprise does not accept this URL'}")
 
     def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
         result = self._apprise.notify(body=note.body, title=note.title,
@@ -293,15 +306,22 @@ ChannelFactory = Callable[..., NotificationChannel]  # (url: SecretStr, *, timeo
 CHANNELS: SchemeRegistry[ChannelFactory] = SchemeRegistry("notification channel", fallback=AppriseChannel)
 
 
-def build_channels(cfg: Settings) -> dict[str, NotificationChannel]:
-    """Every channel named in the settings (global and per-camera URLs), by name."""
+def build_channels(cfg: Settings, broken: dict[str, str] | None = None) -> dict[str, NotificationChannel]:
+    """Every channel named in the settings (global and per-camera URLs), by name. A URL that cannot be
+    used raises ValueError, or, given ``broken``, is left out and recorded there (name -> reason)."""
     n: NotificationSettings = cfg.notifications
     urls = list(n.urls) + [u for cam in cfg.cameras for u in cam.notify] + cfg.escalation_urls() + list(cfg.dmd.drift_notify)
     channels: dict[str, NotificationChannel] = {}
     for url in urls:
         name = channel_id(url.get_secret_value())
-        if name not in channels:
+        if name in channels or (broken is not None and name in broken):
+            continue
+        try:
             channels[name] = CHANNELS.lookup(url.get_secret_value())(url, timeout_s=n.timeout_s, cooldown_s=n.cooldown_s)
+        except ValueError as exc:
+            if broken is None:
+                raise
+            broken[name] = str(exc)
     return channels
 
 
@@ -318,6 +338,7 @@ class NotifierStepReport:
     skipped: int = 0      # already delivered earlier
     dead_letters: int = 0
     retried: int = 0      # of the attempts, how many were retries
+    owed: int = 0         # kept in the outbox: their channel cannot be used (see Notifier.broken)
 
     @property
     def attempts(self) -> int:
@@ -339,7 +360,8 @@ class Notifier(RoleLoop):
         self.settings, self.client, self.keys, self.name = settings, client, keys, name
         self.metrics = metrics or AlertsMetrics.create()
         self.cfg = settings.notifications
-        self.channels = channels if channels is not None else build_channels(settings)
+        self.broken: dict[str, str] = {}  # channel -> why it cannot be used; its deliveries stay owed
+        self.channels = channels if channels is not None else build_channels(settings, self.broken)
         cooldowns = RedisCooldowns(client, keys)
         for channel in self.channels.values():
             channel.cooldowns = cooldowns
@@ -349,6 +371,13 @@ class Notifier(RoleLoop):
 
     def setup(self) -> None:
         ensure_group(self.client, self.stream, self.group)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.notify_broken())
+            if self.broken:
+                pipe.hset(self.keys.notify_broken(), mapping=self.broken)
+            pipe.execute()
+        for channel, reason in self.broken.items():
+            log.error("notification_channel_unusable", channel=channel, reason=reason)
 
     def step(self, block_ms: int | None = None) -> NotifierStepReport:
         if not self._started:
@@ -406,6 +435,9 @@ class Notifier(RoleLoop):
         except SchemaError as exc:
             return self._dead(entry, "schema_error", str(exc))
         channel = self.channels.get(note.channel)
+        if note.channel in self.broken:  # owed until the channel is fixed; retried with backoff
+            self.metrics.notification(note.channel, False)
+            return "owed"
         if channel is None:
             return self._dead(entry, "unknown_channel", f"channel {note.channel} is not configured any more")
         marker = self.keys.delivered(note.marker_id, note.channel)

@@ -106,8 +106,15 @@ def report_from_hash(raw: dict[bytes | str, bytes | str]) -> StatsReport:
     )
 
 
-def read_stats(client: redis.Redis, keys: Keys) -> StatsReport:
-    return report_from_hash(client.hgetall(keys.stats()))
+def read_stats(client: redis.Redis, keys: Keys, camera_id: str | None = None) -> StatsReport:
+    """All cameras, or one camera (a replay's --camera-id) only."""
+    return report_from_hash(client.hgetall(keys.stats() if camera_id is None else keys.camera_stats(camera_id)))
+
+
+def reset_stats(client: redis.Redis, keys: Keys) -> int:
+    """Start counting afresh: delete the total and every camera's hash; how many hashes went."""
+    names = [keys.stats(), *client.scan_iter(match=keys.camera_stats("*"), count=1000)]
+    return int(client.delete(*names))
 
 
 def format_stats(rep: StatsReport) -> str:

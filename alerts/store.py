@@ -18,6 +18,7 @@ import redis
 import structlog
 
 from alerts.escalation import Escalator, queue_start, start_tier
+from alerts.notify import deliveries_for
 from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, EventStep, Transition, on_final, on_resolve,
                            on_status, on_tick)
 from fallwatch.defaults import EVENT_TTL_S
@@ -117,7 +118,7 @@ class EventStore:
         return self.transact(verdict.camera_id, lambda s: on_final(s, verdict, self.cfg))
 
     def apply_status(self, status: CameraStatus) -> list[AlertEvent]:
-        return self.transact(status.camera_id, lambda s: on_status(s, status))
+        return self.transact(status.camera_id, lambda s: on_status(s, status, self.cfg.offline_grace_s))
 
     def tick(self) -> list[AlertEvent]:
         """Mark fall events quiet long enough as no longer seen (every camera with an active event),
@@ -172,6 +173,9 @@ class EventStore:
             write_event(pipe, self.keys, ev, active=ev.type is not EventType.END, maxlen=self.cfg.stream_maxlen)
             if ev.type is EventType.START:
                 queue_start(pipe, self.keys, ev, self.settings)
+            else:  # a camera back online is notified too
+                for delivery in deliveries_for(ev, self.settings):
+                    pipe.xadd(self.keys.notify_outbox_stream(), encode(delivery))
         if state.active:
             pipe.sadd(self.keys.alert_cameras(), camera_id)
         else:

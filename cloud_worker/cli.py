@@ -24,16 +24,16 @@ def cloud(
 
     app_ctx = app_context(ctx)
     settings = app_ctx.settings
-    try:
-        model = CloudModel.load(settings.cloud)
-    except ModelNotAvailable as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(1) from None
-    name = name or worker_name("cloud")
-    start_role(settings.metrics, "cloud", name)
-    CloudMetrics.create().watch_gpus()
     stop = stop_on_signals()
-    with RedisHandle(settings.redis) as handle:
+    with RedisHandle(settings.redis, stop) as handle:  # an unreachable server is reported before the model loads
+        try:
+            model = CloudModel.load(settings.cloud)
+        except ModelNotAvailable as exc:
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(1) from None
+        name = name or worker_name("cloud")
+        start_role(settings.metrics, "cloud", name)
+        CloudMetrics.create().watch_gpus()
         worker = build_worker(settings, handle.client, app_ctx.keys, model, name)
         run(worker, stop, burst=burst, retry=settings.redis)
 

@@ -113,7 +113,8 @@ class EdgeWorker(RoleLoop):
         entries = resp[1]
         deleted = list(resp[2]) if len(resp) > 2 else []
         if any(fields is None for _eid, fields in entries):  # Redis < 7 claims trimmed entries as nil
-            deleted += self._trimmed_own_pending()
+            live = {text(eid) for eid, fields in entries if fields}  # claimed with their data: scored below,
+            deleted += [d for d in self._trimmed_own_pending() if text(d) not in live]  # even if trimmed since
         if deleted:  # trimmed by MAXLEN while pending: nothing left to score
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
             self.client.incrby(self.keys.frames_trimmed_pending(), len(deleted))
@@ -158,7 +159,8 @@ class EdgeWorker(RoleLoop):
         frames = self._decode_all(entries, result)
         if frames:
             self._score_and_publish(frames, result)
-        self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
+        else:
+            self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *result.entry_ids)
         return result
 
     def _decode_all(self, entries: list[tuple[str, dict]], result: EdgeStepReport) -> list[DecodedFrame]:
@@ -185,7 +187,7 @@ class EdgeWorker(RoleLoop):
                     for i, f in enumerate(frames)]
         offloads = self._plan(frames, verdicts, result)
         self.live.stash_offloads(verdicts, scores.features)
-        self._write(verdicts, offloads)
+        self._write(verdicts, offloads, result.entry_ids)
         result.audited = self.live.audit(frames, verdicts, scores.features, self._offload_request)
         result.scored = len(frames)
         result.offloaded = len(offloads)
@@ -235,9 +237,12 @@ class EdgeWorker(RoleLoop):
             switcher_version=self.switcher_version,
         )
 
-    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict, int, float]]) -> None:
-        """Pixels and verdicts in one round trip, then the offload job (after its pixels exist)."""
-        pipe = self.client.pipeline(transaction=False)
+    def _write(self, verdicts: list[EdgeVerdict], offloads: list[tuple[DecodedFrame, EdgeVerdict, int, float]],
+               entry_ids: list[str]) -> None:
+        """Pixels, verdicts, offload jobs and the acknowledgement in one transaction: an entry still pending
+        has no outputs, so one trimmed while pending was dropped, never also delivered."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.multi()  # RQ queues its job in the same MULTI
         ttl = self.settings.ingest.pixels_ttl_s
         for frame, *_ in offloads:
             key = self.keys.pixels(frame.msg.frame_id)
@@ -245,9 +250,10 @@ class EdgeWorker(RoleLoop):
             pipe.expire(key, ttl)
         for v in verdicts:
             pipe.xadd(self.keys.verdicts_stream(), encode(v))
-        pipe.execute()
         if offloads:
-            self.enqueue([self._offload_request(f, v, rank, cost) for f, v, rank, cost in offloads])
+            self.enqueue([self._offload_request(f, v, rank, cost) for f, v, rank, cost in offloads], pipe)
+        pipe.xack(self.keys.frames_stream(), self.keys.edge_group(), *entry_ids)
+        pipe.execute()
 
     def _offload_request(self, frame: DecodedFrame, verdict: EdgeVerdict, rank: int = 0,
                          cost_s: float = 0.0) -> OffloadRequest:
@@ -260,15 +266,16 @@ class EdgeWorker(RoleLoop):
             switcher_version=verdict.switcher_version, rank=rank, budget_cost_s=cost_s,
         )
 
-    def enqueue(self, requests: list[OffloadRequest]) -> None:
-        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised, on the queue of its rank."""
+    def enqueue(self, requests: list[OffloadRequest], pipeline: Any = None) -> None:
+        """Micro-batched offload: one RQ job per cloud batch, JSON-serialised, on the queue of its rank
+        (queued on ``pipeline`` if given)."""
         for rank, queue in enumerate(self.queues):
-            self._enqueue_on(queue, [r for r in requests if min(r.rank, len(self.queues) - 1) == rank])
+            self._enqueue_on(queue, [r for r in requests if min(r.rank, len(self.queues) - 1) == rank], pipeline)
 
-    def _enqueue_on(self, queue: Any, requests: list[OffloadRequest]) -> None:
+    def _enqueue_on(self, queue: Any, requests: list[OffloadRequest], pipeline: Any = None) -> None:
         size = self.settings.cloud.batch_size
         for start in range(0, len(requests), size):
-            enqueue_offload(queue, requests[start:start + size], self.settings)
+            enqueue_offload(queue, requests[start:start + size], self.settings, pipeline)
 
     # --- liveness ----------------------------------------------------------------------
     def heartbeat(self, force: bool = False) -> None:

@@ -8,21 +8,64 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
+import redis
 import structlog
 import typer
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from fallwatch import __version__
 from fallwatch import logging as fw_logging
 from fallwatch.context import AppContext, app_context
+from fallwatch.errors import UserError
 from fallwatch.keys import Keys
 from fallwatch.runtime import stop_on_signals
-from fallwatch.redis import EmbeddedRedis, RedisHandle, RedisUnavailable, check, redact_url
+from fallwatch.redis import (EmbeddedRedis, RedisHandle, RedisUnavailable, RedisUnreachable, StoppedWaiting, check,
+                             redact_url)
 from fallwatch.settings import ConfigError, load_settings
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env
 
+class _OneLineErrors(TyperGroup):
+    """Every command: a user error (unreachable Redis, a wrong path) is one line and exit 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except StoppedWaiting:
+            raise typer.Exit(0) from None
+        except RedisUnreachable as exc:
+            fail(f"{exc} (start the server, or fix redis.url)")
+        except (UserError, RedisUnavailable) as exc:
+            fail(str(exc))
+        except redis.RedisError as exc:  # lost mid-command, or refused
+            fail(f"Redis: {exc} (check redis.url, and that the server runs)")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one red line to stderr and exit (2: the user can fix it)."""
+    typer.secho(message, fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _flag_type(self: TyperOption, ctx: click.Context) -> str | None:
+    """Help shows no type for a flag (it takes no value), only for options that take one."""
+    return None if self.is_flag else _VALUE_TYPE(self, ctx)
+
+
+def _usage_name(self: TyperArgument) -> str:
+    """A required argument as click writes it (EVENT_ID), an optional one in brackets ([FILE])."""
+    name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+    return name if self.required else f"[{name}]"
+
+
+_VALUE_TYPE = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="fallwatch",
     help="Edge-cloud fall detection for eldercare cameras.",
     no_args_is_help=True,
@@ -63,17 +106,26 @@ def root(
 @config_app.command("validate")
 def config_validate(
     ctx: typer.Context,
-    file: Annotated[Optional[Path], typer.Argument(help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
+    file: Annotated[Optional[Path], typer.Argument(metavar="FILE", help="YAML file; default: --config / $FALLWATCH_CONFIG.")] = None,
+    paths: Annotated[bool, typer.Option("--paths/--no-paths", help="Check that the files it names exist "
+                                        "(--no-paths for a config used inside a container).")] = True,
 ) -> None:
-    """Check a config file (with the environment applied). Exit 1 on errors, naming each field."""
+    """Check a config file (with the environment applied), the paths it names and its notification URLs.
+    Exit 2 on errors, naming each field."""
+    from fallwatch.checks import notification_problems, path_problems  # noqa: PLC0415
+
     path = file or app_context(ctx).config_file
     try:
         settings = load_settings(path)
+        problems = (path_problems(settings) if paths else []) + notification_problems(settings)
     except ConfigError as exc:
-        for field_path, msg in exc.errors:
-            typer.secho(f"{field_path}: {msg}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"ok: {path or 'environment/defaults'} ({len(settings.cameras)} cameras)")
+        problems = exc.errors
+    for field_path, msg in problems:
+        typer.secho(f"{field_path}: {msg}", fg="red", err=True)
+    if problems:
+        raise typer.Exit(2)
+    n = len(settings.cameras)
+    typer.echo(f"ok: {path or 'environment/defaults'} ({n} camera{'' if n == 1 else 's'})")
 
 
 @config_app.command("show")
@@ -103,7 +155,7 @@ def redis_cmd(ctx: typer.Context) -> None:
 @app.command("health")
 def health(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts, web.")] = "redis",
+    role: Annotated[str, typer.Argument(metavar="ROLE", help="redis (PING + version), or a role whose heartbeat to check: ingest, edge, cloud, alerts, web.")] = "redis",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check health and exit 0 (healthy) or 1. Without redis.url, starts and stops an embedded server."""
@@ -126,9 +178,15 @@ def _report(result: dict[str, object], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result))
     elif result["ok"]:
-        typer.secho(f"healthy: {result}", fg="green")
+        typer.secho("healthy: " + _pairs(result), fg="green")
     else:
         typer.secho(f"unhealthy: {result['error']}", fg="red", err=True)
+
+
+def _pairs(result: dict[str, object]) -> str:
+    """``key=value`` pairs for people (lists comma-separated), without the ok flag."""
+    show = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in result.items() if k != "ok"}
+    return " ".join(f"{k}={v}" for k, v in show.items())
 
 
 def _redis_health(settings, handle: RedisHandle) -> dict[str, object]:
@@ -148,9 +206,19 @@ def _heartbeat_health(role: str):
     return checker
 
 
+def _alerts_health(settings, handle: RedisHandle) -> dict[str, object]:
+    """A live alerts worker whose notifier can use every configured channel."""
+    info = _heartbeat_health("alerts")(settings, handle)
+    broken = handle.client.hvals(Keys(settings.redis.key_prefix).notify_broken())
+    if broken:
+        raise RedisUnavailable("; ".join(sorted(b.decode() for b in broken)) + " (deliveries stay in the outbox)")
+    return info
+
+
 # role -> check(settings, RedisHandle) -> info dict; raise RedisUnavailable when unhealthy.
 HEALTH_CHECKS = {"redis": _redis_health,
-                 **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "alerts", "web")}}
+                 **{role: _heartbeat_health(role) for role in ("ingest", "edge", "cloud", "web")},
+                 "alerts": _alerts_health}
 
 
 @app.command("up")
@@ -166,14 +234,9 @@ def up(
     settings = app_ctx.settings
     specs = role_specs(settings, edge_workers, cloud, ingest, web)
     stop = stop_on_signals()
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
-            Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
-    except RedisUnavailable as exc:
-        typer.secho(f"redis: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis, stop) as handle:
+        log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
+        Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
 
 
 @app.command("demo")
@@ -188,7 +251,7 @@ def demo(
     timeout_s: Annotated[float, typer.Option(min=10, help="Give up waiting for final verdicts after this.")] = 150.0,
 ) -> None:
     """Run the whole system end to end on synthetic data and tiny models (or yours), then summarise."""
-    from fallwatch.demo import DemoConfig, run_demo  # noqa: PLC0415 - the demo pulls in every component
+    from fallwatch.demo import DemoConfig, format_summary, run_demo  # noqa: PLC0415 - the demo pulls in every component
 
     cfg = DemoConfig(workdir=workdir, edge=edge, cloud=cloud, cloud_device=cloud_device, dataset=dataset,
                      clips=clips, timeout_s=timeout_s)
@@ -197,11 +260,11 @@ def demo(
     except RuntimeError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
-    text = json.dumps(summary, indent=2)
-    typer.echo(text)
+    typer.echo(format_summary(summary, tiny="tiny" in (edge, cloud)))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+        typer.echo(f"summary JSON: {json_out}")
     if summary["lost"] != 0 or summary["frames_ingested"] == 0:
         typer.secho(f"demo lost {summary['lost']} of {summary['frames_ingested']} frames", fg="red", err=True)
         raise typer.Exit(1)
@@ -235,20 +298,15 @@ def status_cmd(
     from fallwatch.status import gather, render  # noqa: PLC0415 - keeps `fallwatch --help` fast
 
     settings = app_context(ctx).settings
-    try:
-        with RedisHandle(settings.redis) as handle:
-            check(handle.client, settings.redis.min_server_version)
-            if as_json or once:
-                snap = gather(handle.client, settings, events)
-                if as_json:
-                    typer.echo(snap.model_dump_json(indent=2))
-                else:
-                    _print_rich(render(snap))
-                return
-            _live_status(lambda: render(gather(handle.client, settings, events)), interval)
-    except RedisUnavailable as exc:
-        typer.secho(f"redis: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    with RedisHandle(settings.redis) as handle:
+        if as_json or once:
+            snap = gather(handle.client, settings, events)
+            if as_json:
+                typer.echo(snap.model_dump_json(indent=2))
+            else:
+                _print_rich(render(snap))
+            return
+        _live_status(lambda: render(gather(handle.client, settings, events)), interval)
 
 
 def _print_rich(renderable: object) -> None:

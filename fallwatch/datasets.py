@@ -23,12 +23,14 @@ import json
 import random
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from fallwatch.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
@@ -36,7 +38,7 @@ DEFAULT_FALL_CLASSES = frozenset({0})
 AUGMENT_MARK = ".rf."
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or folder cannot be used; the message names it."""
 
 
@@ -118,20 +120,32 @@ def _check_image(path: Path) -> None:
         with Image.open(path) as img:
             if img.width < 1 or img.height < 1:
                 raise DatasetError(f"{path}: empty image")
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: not a readable image ({exc})") from None
 
 
-def load_yolo(root: Path, split: str, fall_classes: frozenset[int] = DEFAULT_FALL_CLASSES) -> list[LabeledImage]:
-    """Every image of ``<root>/<split>``, sorted by file name, with its fall label and group."""
+def load_yolo(root: Path, split: str, fall_classes: frozenset[int] = DEFAULT_FALL_CLASSES,
+              on_bad: Callable[[str, str], None] | None = None) -> list[LabeledImage]:
+    """Every image of ``<root>/<split>``, sorted by file name, with its fall label and group. A bad image
+    or label file raises DatasetError, or, given ``on_bad(file, why)``, is reported there and left out."""
     images_dir = Path(root) / split / "images"
     labels_dir = Path(root) / split / "labels"
     if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: no such folder (expected <root>/<split>/images)")
+        found = sorted(p.parent.name for p in Path(root).glob("*/images") if p.is_dir())
+        raise DatasetError(f"{images_dir}: no such folder (expected <root>/<split>/images; "
+                           f"splits here: {', '.join(found) or 'none'})")
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DatasetError(f"{images_dir}: no images")
-    return [_labeled_image(p, labels_dir / f"{p.stem}.txt", fall_classes) for p in paths]
+    items = []
+    for p in paths:
+        try:
+            items.append(_labeled_image(p, labels_dir / f"{p.stem}.txt", fall_classes))
+        except DatasetError as exc:
+            if on_bad is None:
+                raise
+            on_bad(str(p), str(exc))
+    return items
 
 
 def _labeled_image(path: Path, label_path: Path, fall_classes: frozenset[int]) -> LabeledImage:
@@ -168,8 +182,8 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any file at all: PIL raises OSError, SyntaxError, struct.error, bombs ...
+        raise DatasetError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 # --- group-aware re-split ----------------------------------------------------------------------

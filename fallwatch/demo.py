@@ -240,6 +240,22 @@ def summarise(client: redis.Redis, keys: Keys, camera: str, delivered: int) -> d
     }
 
 
+def format_summary(summary: dict[str, Any], tiny: bool) -> str:
+    """The summary for people: counts in the replay's units (stream items), and what F1 means here."""
+    s, lat = summary, summary["latency_ms"]
+    f1 = "n/a" if s["f1"] is None else f"{s['f1']:.2f}"
+    note = (" (the tiny models have random weights: this shows the pipeline runs, not detection quality)"
+            if tiny else "")
+    return "\n".join([
+        f"stream items ingested {s['frames_ingested']}, final verdicts {s['final_verdicts']} "
+        f"(edge {s['edge_final']}, cloud {s['cloud_verdicts']}, timeouts {s['timeout_fallbacks']}), "
+        f"lost {s['lost']}, duplicates {s['duplicates']}",
+        f"fall events {s['events']}, notifications delivered {s['notifications_delivered']}, "
+        f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms",
+        f"F1 against the clips' labels {f1}{note}",
+    ])
+
+
 def finals_f1(finals: list[FinalVerdict]) -> float | None:
     scored = [(v.is_fall, v.gt_fall) for v in finals if v.gt_fall is not None]
     tp = sum(p and t for p, t in scored)

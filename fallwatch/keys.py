@@ -289,3 +289,11 @@ class Keys:
     def camera_of_info(self, key: bytes | str) -> str:
         """The camera id of a :meth:`camera_info` key."""
         return self.parse(key, self.camera_info("*"))[0]
+    # --- notification channels -------------------------------------------------------------
+    def notify_broken(self) -> str:
+        """Hash channel id -> why the notifier cannot use it (written when the notifier starts)."""
+        return self._k("notify", "broken")
+
+    def camera_stats(self, camera_id: str) -> str:
+        """The online-scoring hash of one camera (or replay camera id), beside the total in stats()."""
+        return self._k("stats", "camera", camera_id)

@@ -24,13 +24,15 @@ OFFLOAD_JOB = "cloud_worker.jobs.score_offloads"
 OFFLOAD_FAILED = "cloud_worker.jobs.on_offload_failure"
 
 
-def enqueue_offload(queue: Queue, requests: Sequence[OffloadRequest], settings: Settings) -> Job:
-    """One offload job for a micro-batch of requests, with the cloud section's timeout and retries."""
+def enqueue_offload(queue: Queue, requests: Sequence[OffloadRequest], settings: Settings,
+                    pipeline: Any = None) -> Job:
+    """One offload job for a micro-batch of requests, with the cloud section's timeout and retries
+    (queued on ``pipeline``, e.g. inside the edge's MULTI, if given)."""
     retry = Retry(max=settings.cloud.retries) if settings.cloud.retries else None
     return queue.enqueue(
         OFFLOAD_JOB, [to_dict(r) for r in requests], job_timeout=settings.cloud.job_timeout_s, retry=retry,
         on_failure=Callback(OFFLOAD_FAILED), result_ttl=JOB_RESULT_TTL_S, failure_ttl=JOB_FAILURE_TTL_S,
-        ttl=int(settings.alerts.cloud_timeout_s) + JOB_TTL_MARGIN_S,
+        ttl=int(settings.alerts.cloud_timeout_s) + JOB_TTL_MARGIN_S, pipeline=pipeline,
     )
 
 

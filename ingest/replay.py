@@ -25,7 +25,8 @@ from ingest.pipeline import run_pipeline
 from ingest.publisher import Publisher
 from ingest.records import BufferPolicy, FrameBuffer, FrameRecord
 from ingest.sampling import FpsSampler, Pacer
-from ingest.sources import ImageListSource, RawFrame, StopFlag, VideoListSource, parse_video_spec
+from ingest.sources import (ImageListSource, RawFrame, Skips, SourceError, StopFlag, VideoListSource,
+                            parse_video_spec)
 from ingest.status import StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -45,19 +46,24 @@ class ReplayResult:
     items: int
     frames: int
     seconds: float
+    skipped: tuple[tuple[str, str], ...] = ()  # bad files: (file, why)
 
 
-def dataset_source(root: Path, split: str, fall_classes: frozenset[int] = DEFAULT_FALL_CLASSES) -> ImageListSource:
-    """A YOLO split (``root/split/images``) as a replay source."""
-    return ImageListSource(load_yolo(Path(root), split, fall_classes), name=f"{Path(root).name}/{split}")
+def dataset_source(root: Path, split: str, fall_classes: frozenset[int] = DEFAULT_FALL_CLASSES,
+                   strict: bool = False) -> ImageListSource:
+    """A YOLO split (``root/split/images``) as a replay source; bad files are skipped (or, strict, fatal)."""
+    skips = Skips(strict)
+    items = load_yolo(Path(root), split, fall_classes, on_bad=skips.skip)
+    return ImageListSource(items, name=f"{Path(root).name}/{split}", strict=strict, skipped=skips.skipped)
 
 
-def video_source(specs: Sequence[str] = (), clip_list: Path | None = None, max_width: int = 1280) -> VideoListSource:
+def video_source(specs: Sequence[str] = (), clip_list: Path | None = None, max_width: int = 1280,
+                 strict: bool = False) -> VideoListSource:
     """Videos from ``FILE[:fall|:nofall]`` specs and/or a clip list (see ``fallwatch.datasets.load_clips``)."""
     clips: list[LabeledClip] = [parse_video_spec(s) for s in specs]
     if clip_list is not None:
         clips += load_clips(Path(clip_list))
-    return VideoListSource(clips, max_width=max_width)
+    return VideoListSource(clips, max_width=max_width, strict=strict)
 
 
 def replay_ingest(settings: Settings, camera_id: str) -> IngestSettings:
@@ -65,6 +71,13 @@ def replay_ingest(settings: Settings, camera_id: str) -> IngestSettings:
     cam = next((c for c in settings.cameras if c.id == camera_id), None)
     ing = settings.effective_ingest(cam) if cam is not None else settings.ingest
     return ing.model_copy(update={"motion_gating": False})
+
+
+def replay_window(settings: Settings, ing: IngestSettings, speed: float) -> int:
+    """Entries a replay may have on the stream not yet read by the edge group. Unpaced (speed 0), a few
+    edge batches: the replay goes as fast as the edge reads, not all at once."""
+    cap = max(1, ing.stream_maxlen // 2)
+    return min(cap, 4 * settings.edge.batch_size) if speed == 0 else cap
 
 
 def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, keys: Keys,
@@ -79,19 +92,27 @@ def run_replay(settings: Settings, source: ReplaySource, client: redis.Redis, ke
     if ing.clip.enabled and not clips:
         log.warning("replay_clips_ignored", camera=camera_id, reason="clip mode needs videos, not images")
     publisher = Publisher(client, keys, camera_id, ing, stop, clips=clips,
-                          max_pending=max(1, ing.stream_maxlen // 2), retry=settings.redis)
+                          max_pending=replay_window(settings, ing, speed), retry=settings.redis)
     status = StatusReporter(client, keys, camera_id, name=camera_id, source=source.name, sample_fps=fps)
     buffer = FrameBuffer(max(8, 2 * ing.clip.frames * ing.clip.stride), BufferPolicy.WAIT)
 
+    failed: list[str] = []
+
     def produce(buf: FrameBuffer, halt: threading.Event) -> None:
-        replay_loop(source, camera_id, fps, loop, speed, buf, halt)
+        try:
+            replay_loop(source, camera_id, fps, loop, speed, buf, halt)
+        except SourceError as exc:  # --strict: a bad file stops the replay
+            failed.append(str(exc))
 
     started = time.monotonic()
     status.online(fps)
     log.info("replay_started", camera=camera_id, source=source.name, fps=fps, loop=loop, limit=limit)
     run_pipeline(f"replay-{camera_id}", produce, buffer, publisher, stop, limit=limit)
     status.offline("replay finished", expected=True)
-    result = ReplayResult(camera_id, publisher.stats.items, publisher.stats.frames, time.monotonic() - started)
+    if failed:
+        raise SourceError(failed[0])
+    result = ReplayResult(camera_id, publisher.stats.items, publisher.stats.frames, time.monotonic() - started,
+                          tuple(getattr(source, "skipped", ())))
     log.info("replay_finished", camera=camera_id, items=result.items, frames=result.frames,
              seconds=round(result.seconds, 3))
     return result

@@ -220,15 +220,32 @@ def open_source(url: str, *, open_timeout_s: float, read_timeout_s: float, max_w
 # --- replays ---------------------------------------------------------------------------------
 
 
-class ImageListSource:
+class Skips:
+    """The replay policy for a bad file: skip it and remember why, or (``strict``) stop with SourceError."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.skipped: list[tuple[str, str]] = []  # (file, why)
+
+    def skip(self, file: str, error: str) -> None:
+        if self.strict:
+            raise SourceError(f"{error} (--strict stops at the first bad file)")
+        self.skipped.append((file, error))
+        log.warning("replay_file_skipped", file=file, error=error)
+
+
+class ImageListSource(Skips):
     """Labelled images (a YOLO split), each once and in order, one every 1/fps of the sampler's fps."""
 
     live = False
     fps: float | None = None
 
-    def __init__(self, items: Sequence[LabeledImage], name: str = "dataset"):
-        if not items:
+    def __init__(self, items: Sequence[LabeledImage], name: str = "dataset", strict: bool = False,
+                 skipped: Sequence[tuple[str, str]] = ()):
+        if not items and not skipped:
             raise SourceError(f"{name}: no images to replay")
+        super().__init__(strict)
+        self.skipped += skipped
         self.items = list(items)
         self.name = name
 
@@ -239,19 +256,21 @@ class ImageListSource:
             try:
                 rgb = read_rgb(item.path)
             except DatasetError as exc:
-                log.warning("replay_image_skipped", image=item.id, error=str(exc))
+                self.skip(str(item.path), str(exc))
                 continue
             yield RawFrame(i / sampler.fps, rgb, item.fall, 0, item.id)
 
 
-class VideoListSource:
+class VideoListSource(Skips):
     """Labelled video files one after another, each a segment, sampled to the sampler's fps."""
 
     live = False
 
-    def __init__(self, clips: Sequence[LabeledClip], max_width: int = 1280, name: str = "videos"):
+    def __init__(self, clips: Sequence[LabeledClip], max_width: int = 1280, name: str = "videos",
+                 strict: bool = False):
         if not clips:
             raise SourceError(f"{name}: no videos to replay")
+        super().__init__(strict)
         self.clips = list(clips)
         self.max_width = max_width
         self.name = name
@@ -266,7 +285,7 @@ class VideoListSource:
             try:
                 yield from src.frames(sampler, stop, segment)
             except SourceError as exc:
-                log.warning("replay_video_skipped", video=clip.id, error=str(exc))
+                self.skip(str(clip.path), str(exc))
             self.fps = src.fps
 
 
@@ -276,12 +295,13 @@ def parse_video_spec(spec: str) -> LabeledClip:
 
     path, label = spec, None
     head, sep, tail = spec.rpartition(":")
-    if sep and head and "/" not in tail:
+    if sep and head and "/" not in tail and not Path(spec).is_file():
         try:
             label = parse_fall(tail, spec)
             path = head
         except DatasetError:
-            path, label = spec, None
+            if Path(head).is_file():
+                raise SourceError(f"--video {spec}: {tail!r} is not a label (use FILE:fall or FILE:nofall)") from None
     p = Path(path)
     if not p.is_file():
         raise SourceError(f"video {p} does not exist")

@@ -58,9 +58,9 @@ def synth(
 
 
 def stats(
-    root: Annotated[Path, typer.Argument(help="YOLO dataset root.")],
+    root: Annotated[Path, typer.Argument(metavar="ROOT", help="YOLO dataset root.")],
     split: Annotated[Optional[list[str]], typer.Option(help="Split(s); default: every folder with images/.")] = None,
-    fall_classes: Annotated[str, typer.Option(help="Class ids that mean fall.")] = "0",
+    fall_classes: Annotated[str, typer.Option("--fall-classes", "--fall-class", metavar="IDS", help="Class ids that mean fall, comma-separated.")] = "0",
 ) -> None:
     """Count images, falls, groups and boxes per class in each split."""
     from fallwatch.datasets import DatasetError, dataset_stats, load_yolo
@@ -80,7 +80,7 @@ def split_cmd(
     ratios: Annotated[str, typer.Option(help="name=ratio pairs.")] = "train=0.7,valid=0.2,test=0.1",
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
     link: Annotated[bool, typer.Option(help="Hard-link files instead of copying.")] = False,
-    fall_classes: Annotated[str, typer.Option(help="Class ids that mean fall (for class balance).")] = "0",
+    fall_classes: Annotated[str, typer.Option("--fall-classes", "--fall-class", metavar="IDS", help="Class ids that mean fall, comma-separated (for class balance).")] = "0",
 ) -> None:
     """Re-split a dataset by ratios, keeping augmented copies of one photo (name before .rf.) together."""
     from fallwatch.datasets import DatasetError, dataset_stats, load_yolo, resplit, write_yolo
@@ -112,7 +112,7 @@ def distill_cmd(
     cloud_device: Annotated[Optional[str], typer.Option(help="Override cloud.device.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per batch for both models.")] = 8,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where tiny models are built.")] = None,
-    fall_classes: Annotated[str, typer.Option(help="Class ids that mean fall.")] = "0",
+    fall_classes: Annotated[str, typer.Option("--fall-classes", "--fall-class", metavar="IDS", help="Class ids that mean fall, comma-separated.")] = "0",
     paper_json: Annotated[bool, typer.Option(help="Also write paper.json in the paper's format.")] = False,
 ) -> None:
     """Run a dataset through the edge and cloud models zero-shot and record where they agree."""
@@ -207,7 +207,7 @@ def _print_curves(result) -> None:
         typer.echo(f"{100 * d.target_fraction:7.0f}%  {100 * d.f1:6.1f}  {100 * u.f1:14.1f}")
 
 
-def info(path: Annotated[Path, typer.Argument(help="Checkpoint directory.")]) -> None:
+def info(path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint directory.")]) -> None:
     """Show a checkpoint's edge model, questions, metrics and threshold."""
     from switcher.model import SwitcherError, read_card
 

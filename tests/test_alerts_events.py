@@ -123,7 +123,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def cfg(redis_url: str, r: redis.Redis) -> Settings:
-    return Settings(redis={"url": redis_url}, alerts=CFG.model_dump(),
+    return Settings(redis={"url": redis_url}, alerts={**CFG.model_dump(), "offline_grace_s": 0},
                     cameras=[{"id": "cam1", "name": "Room 12", "url": "rtsp://cam.local/1"}])
 
 
@@ -131,7 +131,7 @@ def alert_events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:
     return [m for m in read_all(r, keys.alerts_stream()) if isinstance(m, AlertEvent)]
 
 
-def published(sub: redis.client.PubSub, wait_s: float = 1.0) -> list[AlertEvent]:
+def published(sub: redis.client.PubSub, wait_s: float = 20.0) -> list[AlertEvent]:
     """Events received on the channel (the first call also consumes the subscribe reply)."""
     out: list[AlertEvent] = []
     deadline = time.monotonic() + wait_s
@@ -221,7 +221,7 @@ def test_ack_command(cfg, redis_url, r, keys, clock) -> None:
     assert "acknowledged by night shift" in result.output
     assert load_event(r, keys, ev.event_id).acknowledged
     missing = CliRunner().invoke(app, ["alerts", "ack", "no-such-event"], env=env)
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2
 
 
 def test_history_is_bounded_in_time_and_count() -> None:

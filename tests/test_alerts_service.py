@@ -53,7 +53,7 @@ def fallwatch(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def test_alerts_command_serves_and_stops_cleanly_on_sigterm(redis_url, r, keys) -> None:
-    env = {"FALLWATCH_REDIS__URL": redis_url}
+    env = {"FALLWATCH_REDIS__URL": redis_url, "FALLWATCH_ALERTS__OFFLINE_GRACE_S": "0"}
     procs = {"tail": fallwatch("alerts", "tail", "--json", env=env),
              "alerts": fallwatch("alerts", "--name", "cli-1", "--no-notify", env=env)}
     try:

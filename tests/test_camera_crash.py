@@ -22,6 +22,7 @@ def test_a_crashed_camera_goes_offline_raises_an_alert_and_is_restarted(settings
     data = settings.model_dump(mode="python")
     data["redis"]["url"] = settings.redis.url.get_secret_value()
     data["ingest"].update(reconnect_base_s=0.2, reconnect_cap_s=1.0)
+    data["alerts"]["offline_grace_s"] = 0  # the offline event at once (no grace period)
     cfg = Settings(**{**data, "cameras": [{"id": "cam1", "name": "Hall", "url": str(path), "fps": 4}]})
     real, calls = camera.run_pipeline, []
 

@@ -55,7 +55,7 @@ def make_settings(redis_url: str, tiers=TIERS, **alerts) -> Settings:
 
 @pytest.fixture
 def cfg(redis_url: str, r: redis.Redis) -> Settings:
-    return make_settings(redis_url)
+    return make_settings(redis_url, offline_grace_s=0)
 
 
 def alert_events(r: redis.Redis, keys: Keys) -> list[AlertEvent]:

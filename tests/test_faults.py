@@ -332,10 +332,13 @@ def test_overload_drops_oldest_frames_and_counts_every_one(tmp_path) -> None:
             wait_up(client, KEYS, roles, ("edge", "edge-a"), ("edge", "edge-b"), ("alerts", "alerts-1"))
             roles.start("ingest", "ingest")
             assert wait_for(lambda: len(finals(client, KEYS)) >= 20, 60), roles.logs()
-            held = pause_while_holding(client, roles["edge-a"], "edge-a")   # the edge stops keeping up ...
+            pause_while_holding(client, roles["edge-a"], "edge-a")          # the edge stops keeping up ...
             roles["edge-b"].signal(signal.SIGSTOP)
             time.sleep(4.0)                                                 # ... while ingest goes on at 20 fps
             roles["edge-a"].kill()
+            # What the killed worker holds, counted once its connection is gone: a stopped client's blocked
+            # read is still served by the server, so a count taken at SIGSTOP can be a batch short.
+            held = consumer_pending(client, "edge-a")
             roles["edge-b"].signal(signal.SIGCONT)
             resumed = time.monotonic()
             assert wait_for(lambda: counter(client, "frames_trimmed_pending") >= held, 30), roles.logs()
@@ -362,7 +365,9 @@ def test_overload_drops_oldest_frames_and_counts_every_one(tmp_path) -> None:
         test_s=time.monotonic() - started,
         notes=f"{trimmed} trimmed unread (ingest:hall:trimmed), {trimmed_pending} trimmed while a killed "
               f"worker held them (frames_trimmed_pending); all counted"))
-    assert trimmed > 0 and trimmed_pending == held and trimmed_total == trimmed
+    # edge-b may hold entries too when it is stopped (and lose its blocked read's reply to the socket
+    # timeout on resuming): those are trimmed while pending as well, and counted the same way.
+    assert trimmed > 0 and trimmed_pending >= held > 0 and trimmed_total == trimmed
     assert len(set(seqs)) + trimmed + trimmed_pending == items == len(lost) + len(set(seqs))
     assert len(seqs) == len(set(seqs))
     assert max(lost) < max(seqs) and seqs[-10:] == list(range(items - 10, items))  # the freshest are kept
@@ -425,7 +430,7 @@ def test_camera_stall_raises_an_offline_alert_that_ends_when_it_recovers(server,
     with StallingCamera(mpegts_clip(frames=600, fps=10), clip_s=60, stalls=1) as camera:
         cams = [{"id": "hall", "name": "Hall", "url": camera.url}]
         settings = dict(cameras=cams, ingest__fps=2, ingest__read_timeout_s=1.5, ingest__open_timeout_s=5,
-                        ingest__reconnect_base_s=0.5)
+                        ingest__reconnect_base_s=0.5, alerts__offline_grace_s=0)
         with Roles(server.url, tmp_path, **settings) as roles:
             roles.start("alerts", "alerts", "--name", "alerts-1", "--no-notify")
             roles.start("ingest", "ingest")

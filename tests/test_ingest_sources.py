@@ -313,7 +313,7 @@ def test_capture_loop_reconnects_with_one_status_per_change(settings, keys, r):
     halt = threading.Event()
     t = threading.Thread(target=capture_loop, args=(src, "cam1", ing, buf, status, halt), daemon=True)
     t.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # leaves as soon as it reopened 5 times
     while src.opens < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
     halt.set()

@@ -78,7 +78,7 @@ def test_config_validate_names_the_bad_mask(tmp_path):
     path.write_text(yaml.safe_dump({"cameras": [{"id": "c", "url": "x.mp4", "masks": [BED, {"kind": "privacy", "points": [[0, 0], [2, 0], [1, 1]]}]}]}))
     res = subprocess.run([sys.executable, "-m", "fallwatch", "config", "validate", str(path)],
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "cameras.0.masks.1.points" in res.stderr and "within the frame" in res.stderr
     assert "Traceback" not in res.stderr
 

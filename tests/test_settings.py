@@ -130,7 +130,7 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     bad = write_yaml(tmp_path / "bad.yaml", {"edge": {"batch_size": 0, "bogus": 1}})
     res = runner.invoke(app, ["config", "validate", str(bad)])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "edge.batch_size" in res.output and "edge.bogus" in res.output
 
 

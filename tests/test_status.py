@@ -153,7 +153,7 @@ def test_cli_reports_unreachable_redis(monkeypatch, tmp_path):
     monkeypatch.setenv("FALLWATCH_REDIS__URL", f"unix://{tmp_path}/none.sock")
     monkeypatch.setenv("FALLWATCH_REDIS__RETRY_ATTEMPTS", "0")
     res = CliRunner().invoke(app, ["status", "--json"])
-    assert res.exit_code == 1 and "redis:" in res.output
+    assert res.exit_code == 2 and "cannot reach Redis at" in res.output and len(res.output.splitlines()) == 1
 
 
 def test_render_has_every_section(snap):

@@ -3,10 +3,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 
+from fallwatch.redis import EmbeddedRedis
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env
 from tests.helpers import wait_for
 
@@ -42,7 +42,7 @@ def test_sigkilled_long_running_role_comes_back(tmp_path) -> None:
     try:
         assert wait_for(lambda: sup.running("redis"))
         first = sup.pid("redis")
-        time.sleep(1.5)  # let it start its server
+        assert wait_for(lambda: EmbeddedRedis(tmp_path / "r").answers(), 60)  # its server is up
         os.killpg(first, signal.SIGKILL)
         assert wait_for(lambda: sup.running("redis") and sup.pid("redis") != first)
         assert sup.children["redis"].exit_codes == [-signal.SIGKILL]

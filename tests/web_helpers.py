@@ -40,7 +40,8 @@ def fall_event(r: redis.Redis, keys: Keys, settings: Settings, camera: str = "ro
 
 
 def offline_event(r: redis.Redis, keys: Keys, settings: Settings, camera: str = "hall") -> AlertEvent:
-    (ev,) = EventStore(r, keys, settings).apply_status(
+    at_once = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"offline_grace_s": 0})})
+    (ev,) = EventStore(r, keys, at_once).apply_status(
         CameraStatus(camera_id=camera, state=CameraState.OFFLINE, reason="no frames for 5 s"))
     return ev
 
