@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import structlog
 import typer
@@ -100,7 +100,7 @@ def make_tiny(
         typer.echo(str(path))
 
 
-def fail(exc: BaseException) -> None:
+def fail(exc: BaseException) -> NoReturn:
     """One red line on stderr (the traceback only in debug logs): exit 2 when the model cannot be
     loaded as configured (a setting or a directory to fix), 1 for anything else."""
     from edge_worker.hub import ModelNotAvailable

@@ -111,12 +111,14 @@ def test_cloud_worker_stops_while_redis_is_down() -> None:
         deadline = time.time() + 10
         while not client.exists(Keys().heartbeat("cloud", "cloud-down")) and time.time() < deadline:
             time.sleep(0.05)
+        listener = worker.pubsub_thread  # RQ's command listener of this worker (other tests' may linger)
+        assert listener is not None and listener.is_alive()
         server.stop()
         time.sleep(1.5)  # RQ's own dequeue loop is now retrying the connection
         stop.set()
         thread.join(10)
         assert not thread.is_alive(), "the cloud worker kept retrying Redis after it was told to stop"
-        assert wait(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "PubSubWorkerThread"])
+        assert wait(lambda: not listener.is_alive()), "RQ's command listener kept retrying the lost server"
     finally:
         stop.set()
         server.stop()

@@ -65,7 +65,7 @@ def mqtt_settings(b: Mosquitto, **extra: Any) -> dict[str, Any]:
 
 def make_settings(redis_url: str, b: Mosquitto, cameras: list[dict[str, str]] | None = None, **mqtt: Any) -> Settings:
     return Settings(redis={"url": redis_url}, cameras=cameras if cameras is not None else [ROOM, HALL],
-                    mqtt=mqtt_settings(b, **mqtt))
+                    mqtt=mqtt_settings(b, **mqtt), alerts={"offline_grace_s": 0})  # offline events at once
 
 
 class Running:
