@@ -2,7 +2,10 @@
 "use strict";
 (() => {
   const { h } = fw;
-  const state = { events: [], cameras: [], page: 1, pages: 1, seen: new Set(), sound: null, drafts: {} };
+  // fetches: refreshes started (only the newest one's answer is shown); live: camera updates pushed
+  // by the stream (a refresh that started before one of them answers with older tiles).
+  const state = { events: [], cameras: [], page: 1, pages: 1, seen: new Set(), sound: null, drafts: {},
+                  fetches: 0, live: 0 };
   const OUTCOMES = [["confirmed_fall", "Confirmed fall"], ["false_alarm", "False alarm"], ["not_sure", "Not sure"]];
   const KIND = { fall: "Fall", camera_offline: "Camera offline" };
 
@@ -145,10 +148,13 @@
 
   // --- wiring ----------------------------------------------------------------------------------------------
   async function refresh() {
+    const mine = ++state.fetches, live = state.live;
     const [events, cameras] = await Promise.all([fw.api("GET", "/api/events/open"), fw.api("GET", "/api/cameras")]);
+    if (mine !== state.fetches) return;  // a newer refresh is on its way
     const newFall = events.some(e => e.kind === "fall" && !e.acknowledged && !state.seen.has(e.event_id));
     events.forEach(e => state.seen.add(e.event_id));
-    state.events = events; state.cameras = cameras;
+    state.events = events;
+    if (live === state.live) state.cameras = cameras;  // else the stream has already sent newer tiles
     renderEvents(); renderCameras();
     if (newFall) beep();
   }
@@ -179,7 +185,7 @@
     fw.live("/api/stream", {
       hello: (d) => { fw.skew = d.at - Date.now() / 1000; refresh(); loadHistory(); },
       event: () => { refresh(); if (state.page === 1) loadHistory(); },
-      cameras: (rows) => { state.cameras = rows; renderCameras(); },
+      cameras: (rows) => { state.live++; state.cameras = rows; renderCameras(); },
     });
   }
   main().catch(e => { document.getElementById("events").replaceChildren(h("p", { class: "error" }, e.message)); });
