@@ -122,7 +122,7 @@ class AvSource:
             stream.codec_context.thread_count = 1  # many cameras per core: one thread each is cheapest
             yield from self._decode(container, stream, sampler, stop, segment)
         except av.error.ExitError:  # the interrupt callback: read timeout
-            raise SourceError(f"{self.name} stalled: no data for {self.read_timeout_s:g}s") from None
+            raise SourceError(f"{self.name} stalled: no frame for {self.read_timeout_s:g}s") from None
         except (av.error.FFmpegError, OSError) as exc:
             raise SourceError(f"reading {self.name} failed: {clean_error(exc, self.url)}") from None
         finally:

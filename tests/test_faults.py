@@ -118,22 +118,23 @@ def test_edge_worker_killed_mid_batch(server, client, tmp_path) -> None:
 # --- 2. a cloud worker SIGKILLed mid-job -------------------------------------------------------------
 
 
-def cloud_queue(client: redis.Redis) -> Queue:
-    return Queue(KEYS.cloud_queue(), connection=client, serializer=JSONSerializer)
+def cloud_queue(client: redis.Redis, name: str | None = None) -> Queue:
+    return Queue(name or KEYS.cloud_queue(), connection=client, serializer=JSONSerializer)
 
 
-def pause_mid_job(client: redis.Redis, role, worker: str, timeout: float = 60.0) -> str:
-    """SIGSTOP the cloud worker while it runs a job; that job's id."""
-    started = StartedJobRegistry(KEYS.cloud_queue(), connection=client, serializer=JSONSerializer)
+def pause_mid_job(client: redis.Redis, role, worker: str, timeout: float = 60.0) -> tuple[str, str]:
+    """SIGSTOP the cloud worker while it runs a job (on any offload queue); that job's id and queue."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for job in cloud_queue(client).job_class.fetch_many(started.get_job_ids(), connection=client,
-                                                             serializer=JSONSerializer):
-            if job is not None and job.worker_name == worker:
-                role.signal(signal.SIGSTOP)
-                if job.get_status(refresh=True) == "started":
-                    return job.id
-                role.signal(signal.SIGCONT)
+        for name in KEYS.offload_queues():
+            started = StartedJobRegistry(name, connection=client, serializer=JSONSerializer)
+            for job in cloud_queue(client, name).job_class.fetch_many(started.get_job_ids(), connection=client,
+                                                                      serializer=JSONSerializer):
+                if job is not None and job.worker_name == worker:
+                    role.signal(signal.SIGSTOP)
+                    if job.get_status(refresh=True) == "started":
+                        return job.id, name
+                    role.signal(signal.SIGCONT)
         time.sleep(0.01)
     raise AssertionError(f"{worker} never ran a job within {timeout}s")
 
@@ -150,16 +151,16 @@ def test_cloud_worker_killed_mid_job(server, client, tmp_path) -> None:
         wait_up(client, KEYS, roles, ("edge", "edge-1"), ("cloud", "cloud-a"), ("cloud", "cloud-b"),
                 ("alerts", "alerts-1"))
         sent = push_frames(client, KEYS, 48, camera="cam2", size=(320, 240))
-        job_id = pause_mid_job(client, roles["cloud-a"], "cloud-a")
+        job_id, queue_name = pause_mid_job(client, roles["cloud-a"], "cloud-a")
         roles["cloud-a"].kill()
         killed_at = time.monotonic()
         assert wait_for(lambda: all_decided(client, sent), 60), roles.logs()
         recover_s = time.monotonic() - killed_at
-        job = cloud_queue(client).fetch_job(job_id)
+        job = cloud_queue(client, queue_name).fetch_job(job_id)
         orphaned = [r["frame_id"] for r in job.args[0]]
         assert job.get_status() == "started"  # RQ does not know yet: the worker's heartbeat has not expired
         # RQ's maintenance would find the job abandoned once its heartbeat TTL (job timeout + 60 s) is over:
-        StartedJobRegistry(KEYS.cloud_queue(), connection=client, serializer=JSONSerializer).cleanup(
+        StartedJobRegistry(queue_name, connection=client, serializer=JSONSerializer).cleanup(
             timestamp=time.time() + 600)
         assert wait_for(lambda: job.get_status(refresh=True) == "finished", 60), roles.logs()  # retried by cloud-b
         # ... and cloud-b, given the retry after the deadline, does not spend the model on it

@@ -136,4 +136,4 @@ def test_stalled_rtsp_stream_is_offline_and_recovers(settings, keys, r):
         if server.proc:
             server.proc.send_signal(signal.SIGCONT)
         server.kill()
-    assert reason == f"rtsp://127.0.0.1:{port}/stream stalled: no data for 1.5s"
+    assert reason == f"rtsp://127.0.0.1:{port}/stream stalled: no frame for 1.5s"
