@@ -48,3 +48,21 @@ def settings(redis_url: str, r: redis.Redis, tmp_path: Path) -> Settings:
 @pytest.fixture
 def keys(settings: Settings) -> Keys:
     return Keys(settings.redis.key_prefix)
+
+
+@pytest.fixture(scope="module")
+def tiny_edge():
+    """The offline tiny ViLT, loaded once per module through the real from_pretrained path."""
+    from edge_worker.model import EdgeModel
+    from fallwatch.settings import EdgeSettings
+
+    return EdgeModel.load(EdgeSettings(model="tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_cloud():
+    """The offline tiny LLaVA-NeXT-Video on the CPU, loaded once per module."""
+    from cloud_worker.model import CloudModel
+    from fallwatch.settings import CloudSettings
+
+    return CloudModel.load(CloudSettings(model="tiny", device="cpu", dtype="fp32"))

@@ -12,26 +12,14 @@ from rq.serializers import JSONSerializer
 
 from alerts.notify import Delivery
 from alerts.service import AlertsService
-from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, run
 from edge_worker.audit import AUDIT_JOB, audit_draw, chosen_for_audit
-from edge_worker.model import EdgeModel
 from edge_worker.worker import EdgeWorker
 from fallwatch.offload import OFFLOAD_JOB
 from fallwatch.schemas import AlertEvent, CloudVerdict, Decider, EdgeVerdict, EventType, OffloadRequest, decode, to_dict
-from fallwatch.settings import CloudSettings, EdgeSettings, Settings
+from fallwatch.settings import Settings
 from tests.frames import jpeg, push_frames
 from tests.helpers import edge_verdict, plant, read_all
-
-
-@pytest.fixture(scope="module")
-def tiny_edge() -> EdgeModel:
-    return EdgeModel.load(EdgeSettings(model="tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny_cloud() -> CloudModel:
-    return CloudModel.load(CloudSettings(model="tiny", device="cpu", dtype="fp32"))
 
 
 def with_audits(settings: Settings, fraction: float, seed: str = "site") -> Settings:

@@ -12,29 +12,17 @@ import time
 import numpy as np
 import pytest
 
-from cloud_worker.model import CloudModel
 from cloud_worker.worker import build_worker, run
 from edge_worker.decode import decode_entry
-from edge_worker.model import EdgeModel
 from edge_worker.worker import EdgeWorker
 from fallwatch import dmd_store
 from fallwatch.schemas import DmdRecord
-from fallwatch.settings import CloudSettings, EdgeSettings, Settings
+from fallwatch.settings import Settings
 from switcher.live import read_live_lines
 from switcher.live_cli import parse_since
 from switcher.records import load_dmd
 from tests.faults import fallwatch
 from tests.frames import frame_entry, push_frames
-
-
-@pytest.fixture(scope="module")
-def tiny_edge() -> EdgeModel:
-    return EdgeModel.load(EdgeSettings(model="tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny_cloud() -> CloudModel:
-    return CloudModel.load(CloudSettings(model="tiny", device="cpu", dtype="fp32"))
 
 
 def _switcher(settings: Settings, **update) -> Settings:
