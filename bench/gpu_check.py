@@ -147,11 +147,16 @@ def measure(model: Any, name: str, kind: str, batch: int, repeats: int) -> Run:
     others = [s.gpu_other_processes for s in scores if getattr(s, "gpu_other_processes", None) is not None]
     tokens = getattr(scores[0], "prompt_tokens", None)
     return Run(
-        name, kind, batch, round(batch / wall, 3), round(wall / batch, 4), round(PAPER_S_PER_ITEM * batch / wall, 2),
+        name, kind, batch, significant(batch / wall), significant(wall / batch), significant(PAPER_S_PER_ITEM * batch / wall),
         round(torch.cuda.max_memory_allocated(model.device) / 1024**3, 2) if cuda else None,
         sum(tokens) if tokens else None,
         round(statistics.median(energy) / batch, 2) if energy else None, max(others) if others else None,
     )
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits: a fast tiny run's seconds per item keep their precision."""
+    return float(f"{value:.{digits}g}")
 
 
 def run_all(tiny: bool, batches: tuple[int, ...], repeats: int) -> tuple[list[Run], dict[str, Any]]:
