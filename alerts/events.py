@@ -92,10 +92,10 @@ def _strongest(falls: tuple[Observation, ...]) -> Observation:
     return max(falls, key=lambda h: (h.p, h.at))
 
 
-def _start(falls: tuple[Observation, ...]) -> EventStep:
+def _start(falls: tuple[Observation, ...], description: str | None) -> EventStep:
     top = _strongest(falls)
     return EventStep(EventType.START, EventKind.FALL, new_id(), at=falls[0].at, confidence=top.p,
-                decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls))
+                decided_by=top.by, frame_ids=tuple(h.frame_id for h in falls), description=description)
 
 
 def _unseen(state: CameraAlertState, cfg: AlertsSettings) -> Transition:
@@ -122,12 +122,12 @@ def on_final(state: CameraAlertState, verdict: FinalVerdict, cfg: AlertsSettings
         state, steps = _unseen(state, cfg)
     if state.fall_event is not None and obs.fall:
         steps.append(EventStep(EventType.UPDATE, EventKind.FALL, state.fall_event, at=obs.at, confidence=obs.p,
-                          decided_by=obs.by, frame_ids=(obs.frame_id,), seen=True))
+                          decided_by=obs.by, frame_ids=(obs.frame_id,), seen=True, description=verdict.description))
         state = state.model_copy(update={"last_fall_at": max(state.last_fall_at, obs.at), "fall_unseen": False})
     elif state.fall_event is None and obs.fall and obs.at >= state.cooldown_until:
         falls = hit_window(history, i, cfg.debounce_k, cfg.debounce_n, since=state.cooldown_until)
         if falls is not None:
-            step = _start(falls)
+            step = _start(falls, verdict.description)
             steps.append(step)
             last_fall = max(h.at for h in falls)
             state = state.model_copy(update={"fall_event": step.event_id, "last_fall_at": last_fall})

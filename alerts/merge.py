@@ -219,5 +219,5 @@ class VerdictMerger:
             frame_id=c.frame_id, camera_id=c.camera_id, captured_at=c.captured_at, is_fall=is_fall,
             p_fall=p_fall, decided_by=Decider.CLOUD, offloaded=True,
             latency_ms=self._latency_ms(c.captured_at, now), decided_at=now,
-            gt_fall=edge.gt_fall if edge is not None else None,
+            gt_fall=edge.gt_fall if edge is not None else None, description=c.description,
         )

@@ -133,6 +133,8 @@ def compose(event: AlertEvent, settings: Settings | None = None) -> tuple[str, s
     by = by.format(**model_names(settings))
     body = (f"Possible fall on camera {name} at {_when(event.started_at)}. "
             f"Confidence {conf}, decided by the {by}. Event {event.event_id}.")
+    if event.description:
+        body += f" The model saw: {event.description}"
     if event.escalation_tier:
         body += tier_text(event)
     if event.escalation_tier > 1:

@@ -129,7 +129,7 @@ def full_vilt_dir(cache: Path = DEFAULT_CACHE) -> Path:
     """ViLT-B/32 VQA (public config, seeded random weights) saved with ``save_pretrained``, with
     the tiny preset's processor files (same image processing, small vocabulary), so
     ``EdgeModel.load(EdgeSettings(model=str(path)))`` loads it like a downloaded model. Built once."""
-    from edge_worker.hub import build_atomically
+    from fallwatch.hub import build_atomically
 
     return build_atomically(Path(cache) / "vilt-b32-vqa-random", FULL_VILT_RECIPE, lambda d: _build_full_vilt(d, cache))
 

@@ -95,7 +95,7 @@ def build_cloud(tiny: bool, device: Any) -> Any:
 
     from cloud_worker.model import CloudModel, match_processor, resolve_dtype
     from cloud_worker.tiny import build_processor, chat_template, published_tokenizer
-    from edge_worker.hub import ModelSource
+    from fallwatch.hub import ModelSource
     from fallwatch.settings import CloudSettings
 
     config = cloud_config(tiny)

@@ -17,7 +17,7 @@ def cloud(
     """Serve the cloud queue: load the cloud model once, score offloaded frames in micro-batches."""
     from cloud_worker.model import CloudModel
     from cloud_worker.worker import build_worker, run
-    from edge_worker.hub import ModelNotAvailable
+    from fallwatch.hub import ModelNotAvailable
     from fallwatch.metrics import CloudMetrics, start_role
     from fallwatch.redis import RedisHandle
     from fallwatch.runtime import stop_on_signals, worker_name

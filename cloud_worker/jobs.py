@@ -44,6 +44,12 @@ class CloudScorer(Protocol):
     def score(self, items: Sequence[np.ndarray]) -> CloudScores: ...
 
 
+class CloudDescriber(Protocol):
+    """A cloud scorer that can also put a scene into words (needed by ``cloud.describe``)."""
+
+    def describe(self, item: np.ndarray, max_new_tokens: int) -> str: ...
+
+
 @dataclass
 class CloudRuntime:
     settings: Settings
@@ -144,12 +150,28 @@ def _score(rt: CloudRuntime, reqs: list[OffloadRequest], items: list[np.ndarray]
     per_item_ms = scores.wall_s * 1000 / len(items)
     energy = None if scores.energy_j is None else scores.energy_j / len(items)
     log.info("cloud_batch_scored", worker=rt.name, items=len(items), ms=round(scores.wall_s * 1000, 1))
-    return [
+    verdicts = [
         CloudVerdict(frame_id=r.frame_id, camera_id=r.camera_id, captured_at=r.captured_at, ok=True,
                      p_fall=float(p), is_fall=bool(p >= 0.5), cloud_ms=per_item_ms, energy_j=energy, worker=rt.name,
                      route=r.route, edge_p_fall=r.edge_p_fall, switcher_version=r.switcher_version)
         for r, p in zip(reqs, scores.p_fall)
     ]
+    return _described(rt, verdicts, items) if rt.settings.cloud.describe else verdicts
+
+
+def _described(rt: CloudRuntime, verdicts: list[CloudVerdict], items: list[np.ndarray]) -> list[CloudVerdict]:
+    """Offloaded falls with the model's description of the scene; a failed description is left out."""
+    return [_describe(rt, v, item) if v.is_fall and v.route == "offload" else v for v, item in zip(verdicts, items)]
+
+
+def _describe(rt: CloudRuntime, verdict: CloudVerdict, item: np.ndarray) -> CloudVerdict:
+    describer: CloudDescriber = rt.model  # type: ignore[assignment]
+    try:
+        text = describer.describe(item, max_new_tokens=rt.settings.cloud.describe_tokens)
+    except Exception as exc:  # noqa: BLE001 - the verdict matters more than its words
+        log.warning("cloud_describe_failed", worker=rt.name, frame=verdict.frame_id, error=str(exc)[:200])
+        return verdict
+    return verdict.model_copy(update={"description": text[:2000] or None})
 
 
 def _failure(req: OffloadRequest, worker: str, error: str) -> CloudVerdict:

@@ -47,7 +47,7 @@ import torch
 from cloud_worker import gpu_memory
 from cloud_worker.energy import EnergyMeter
 from cloud_worker.tiny import chat_template, ensure_tiny_llava
-from edge_worker.hub import (
+from fallwatch.hub import (
     ModelNotAvailable, ModelSetupError, ModelSource, check_model_type, check_weights, load_pretrained, resolve,
 )
 from fallwatch.settings import CloudSettings

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edge_worker.hub import build_atomically
+from fallwatch.hub import build_atomically
 from edge_worker.rng import seeded
 
 RECIPE_VERSION = 1

@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
 from cloud_worker.jobs import CloudRuntime, CloudScorer, _dead_letter, install, runtime
+from fallwatch.errors import UserError
 from fallwatch.images import PoisonInput
 from fallwatch.keys import Keys
 from fallwatch.offload import OFFLOAD_FAILED, OFFLOAD_JOB
@@ -66,6 +67,8 @@ class CloudWorker(SimpleWorker):
 def build_worker(settings: Settings, client: redis.Redis, keys: Keys, model: CloudScorer,
                  name: str) -> CloudWorker:
     """Install the resident model for this process's jobs and make the RQ worker."""
+    if settings.cloud.describe and not callable(getattr(model, "describe", None)):
+        raise UserError(f"cloud.describe is on, but the cloud model {settings.cloud.model!r} cannot describe a scene")
     install(CloudRuntime(settings=settings, client=client, keys=keys, model=model, name=name))
     queues = [job_queue(client, q)
               for q in [*keys.offload_queues(settings.cloud.queue), keys.audit_queue(settings.cloud.queue)]]

@@ -47,7 +47,7 @@ def edge(
 
 
 def _load_or_exit(settings):
-    from edge_worker.hub import ModelNotAvailable
+    from fallwatch.hub import ModelNotAvailable
     from switcher.model import SwitcherError
 
     try:

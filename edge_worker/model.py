@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 import torch
 
-from edge_worker.hub import (
+from fallwatch.hub import (
     ModelNotAvailable, ModelSetupError, check_model_type, check_weights, load_pretrained, resolve,
 )
 from edge_worker.rng import seeded

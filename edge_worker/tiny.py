@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_worker.hub import build_atomically
+from fallwatch.hub import build_atomically
 from edge_worker.rng import seeded
 
 RECIPE_VERSION = 2

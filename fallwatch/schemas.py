@@ -185,6 +185,7 @@ class FinalVerdict(Message):
     latency_ms: float = Field(..., ge=0, description="Capture to final verdict.")
     decided_at: float = Field(default_factory=now)
     gt_fall: bool | None = None
+    description: str | None = Field(None, max_length=2000, description="The cloud model's words (cloud.describe).")
 
 
 class AlertEvent(Message):

@@ -253,7 +253,10 @@ class CloudSettings(Section):
     queue: str = Field("cloud", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="RQ queue name.")
     job_timeout_s: int = Field(120, ge=1, le=3600, description="RQ job timeout.")
     retries: int = Field(2, ge=0, le=20, description="RQ retries of a failed job.")
-    describe: bool = Field(False, description="Generate a text description for notifications.")
+    describe: bool = Field(False, description="On a fall the cloud decides, also generate a short text description "
+                           "of the scene (greedy, up to describe_tokens tokens); it goes on the alert event and its "
+                           "notification. Costs one generation per fall verdict.")
+    describe_tokens: int = Field(40, ge=4, le=200, description="Longest description, in tokens.")
     forward_batch: int | None = Field(
         None, ge=1, le=64, description="Most items in one forward pass of the cloud model (a job's batch is split "
         "into passes of this size); unset: as many as fit in the GPU memory left after loading (docs/dmd.md), "

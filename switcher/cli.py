@@ -117,7 +117,7 @@ def distill_cmd(
 ) -> None:
     """Run a dataset through the edge and cloud models zero-shot and record where they agree."""
     from cloud_worker.model import CloudModel
-    from edge_worker.hub import ModelNotAvailable
+    from fallwatch.hub import ModelNotAvailable
     from edge_worker.model import EdgeModel
     from fallwatch.datasets import DatasetError
     from switcher.distill import dataset_items, distill

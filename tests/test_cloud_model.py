@@ -13,7 +13,7 @@ import torch
 
 from cloud_worker.model import CloudModel, answer_tokens, item_kind, sample_frames, shape_groups
 from cloud_worker.tiny import build_processor, build_tokenizer, chat_template, ensure_tiny_llava
-from edge_worker.hub import ModelNotAvailable
+from fallwatch.hub import ModelNotAvailable
 from fallwatch.settings import CloudSettings
 
 QUESTION = "Is the person falling? Answer yes or no."

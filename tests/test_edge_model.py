@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_worker.hub import ModelNotAvailable
+from fallwatch.hub import ModelNotAvailable
 from edge_worker.model import EdgeModel, as_chw_uint8
 from edge_worker.tiny import ANSWERS, HIDDEN, ensure_tiny_vilt, vilt_b32_vqa_config
 from fallwatch.settings import EdgeSettings
@@ -207,7 +207,7 @@ def test_full_size_vilt_b32_has_1536_features_and_145_image_tokens(tiny_root: Pa
 def test_concurrent_builds_leave_one_complete_directory(tmp_path: Path) -> None:
     import threading
 
-    from edge_worker.hub import build_atomically
+    from fallwatch.hub import build_atomically
 
     builds: list[int] = []
 

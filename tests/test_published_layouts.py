@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from cloud_worker.model import CloudModel, load_processor, match_processor
-from edge_worker.hub import ModelNotAvailable, ModelSetupError, resolve
+from fallwatch.hub import ModelNotAvailable, ModelSetupError, resolve
 from edge_worker.model import EdgeModel
 from fallwatch import cli
 from fallwatch.settings import CloudSettings, EdgeSettings

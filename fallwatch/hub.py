@@ -82,7 +82,7 @@ def resolve(name: str, kind: str, tiny_builder: Callable[[Path], Path], cache_di
 
 def hub_reachable(timeout_s: float = 2.0) -> bool:
     """True if the Hugging Face endpoint resolves and accepts a TCP connection (and offline mode is off)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # noqa: PLC0415 - huggingface_hub is imported only where a hub id is resolved
 
     if constants.HF_HUB_OFFLINE:
         return False

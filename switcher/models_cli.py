@@ -103,7 +103,7 @@ def make_tiny(
 def fail(exc: BaseException) -> NoReturn:
     """One red line on stderr (the traceback only in debug logs): exit 2 when the model cannot be
     loaded as configured (a setting or a directory to fix), 1 for anything else."""
-    from edge_worker.hub import ModelNotAvailable
+    from fallwatch.hub import ModelNotAvailable
 
     log.debug("models_command_failed", exc_info=exc)
     known = isinstance(exc, (ModelNotAvailable, ValueError, OSError))
