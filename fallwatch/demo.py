@@ -78,7 +78,7 @@ def prepare(cfg: DemoConfig, env: dict[str, str]) -> Path:
     ckpt = w / "switcher"
     _run(["switcher", "train", "--train", str(w / "dmd" / "train"), "--val", str(w / "dmd" / "valid"),
           "--out", str(ckpt), "--seed", str(cfg.seed)], env, "switcher train")
-    _run(["switcher", "calibrate", "--switcher", str(ckpt), "--data", str(w / "dmd" / "valid")], env, "calibrate")
+    _run(["switcher", "calibrate", "--switcher", str(ckpt), "--dmd", str(w / "dmd" / "valid")], env, "calibrate")
     return ckpt
 
 

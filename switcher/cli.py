@@ -5,9 +5,9 @@
     fallwatch dataset split --src ROOT --out DIR group-aware seeded re-split (e.g. 0.7/0.2/0.1)
     fallwatch distill --dataset DIR --split S --out DMD_DIR
     fallwatch switcher train --train DMD_DIR --val DMD_DIR --out CKPT
-    fallwatch switcher calibrate --switcher CKPT --data DMD_DIR [--budget F]
+    fallwatch switcher calibrate --switcher CKPT --dmd DMD_DIR [--budget F]
     fallwatch switcher info CKPT
-    fallwatch evaluate --switcher CKPT --data DMD_DIR --out REPORT_DIR
+    fallwatch evaluate --switcher CKPT --dmd DMD_DIR --out REPORT_DIR
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def distill_cmd(
     ctx: typer.Context,
     dataset: Annotated[Path, typer.Option(help="YOLO root (with --split), or a clip list / clip folder.")],
     out: Annotated[Path, typer.Option(help="Distillation directory (resumed if it exists).")],
-    split: Annotated[str, typer.Option(help="Split of a YOLO dataset.")] = "test",
+    split: Annotated[str, typer.Option(help="Split of a YOLO dataset.")] = "valid",
     edge: Annotated[Optional[str], typer.Option(help="Edge model id/path/'tiny' (default: edge.model).")] = None,
     cloud: Annotated[Optional[str], typer.Option(help="Cloud model id/path/'tiny' (default: cloud.model).")] = None,
     edge_device: Annotated[Optional[str], typer.Option(help="Override edge.device.")] = None,
@@ -175,7 +175,7 @@ def train_cmd(
 
 def calibrate_cmd(
     switcher_path: Annotated[Path, typer.Option("--switcher", help="Checkpoint directory.")],
-    data: Annotated[Path, typer.Option(help="Labelled distillation directory (e.g. the val split).")],
+    data: Annotated[Path, typer.Option("--dmd", metavar="DMD_DIR", help="Labelled distillation directory (e.g. the valid split).")],
     budget: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Offload this fraction instead of the F1 peak.")] = None,
 ) -> None:
     """Pick the agreement threshold from the bucket curves and store it in the checkpoint."""
@@ -227,7 +227,7 @@ def info(path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkp
 
 def evaluate_cmd(
     switcher_path: Annotated[Path, typer.Option("--switcher", help="Calibrated checkpoint directory.")],
-    data: Annotated[Path, typer.Option(help="Labelled distillation directory (the test split).")],
+    data: Annotated[Path, typer.Option("--dmd", metavar="DMD_DIR", help="Labelled distillation directory (the test split).")],
     out: Annotated[Path, typer.Option(help="Report directory (report.json, report.md, PNG plots).")],
     threshold: Annotated[Optional[float], typer.Option(help="Override the checkpoint's threshold.")] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,

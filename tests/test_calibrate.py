@@ -189,7 +189,7 @@ def test_calibrate_cli_stores_threshold_in_checkpoint(hand, tmp_path: Path) -> N
     register(app)
     identity_switcher(tmp_path / "sw")
     result = CliRunner().invoke(app, ["switcher", "calibrate", "--switcher", str(tmp_path / "sw"),
-                                      "--data", str(tmp_path / "dmd"), "--budget", "0.3"])
+                                      "--dmd", str(tmp_path / "dmd"), "--budget", "0.3"])
     assert result.exit_code == 0, result.output
     assert Switcher.load(tmp_path / "sw").threshold == pytest.approx(0.35)
     card = json.loads((tmp_path / "sw" / "switcher.json").read_text())

@@ -153,13 +153,13 @@ def test_pipeline_through_the_cli(models, synth: Path, tmp_path: Path) -> None:
     _run(app, "switcher", "train", "--train", tmp_path / "dmd-train", "--val", tmp_path / "dmd-valid", "--out", ckpt,
          "--epochs", "5", "--patience", "2", "--pos-weight", "auto")
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "switcher.json"}
-    _run(app, "switcher", "calibrate", "--switcher", ckpt, "--data", tmp_path / "dmd-valid")
+    _run(app, "switcher", "calibrate", "--switcher", ckpt, "--dmd", tmp_path / "dmd-valid")
     card = json.loads((ckpt / "switcher.json").read_text())
     assert card["threshold"] is not None and card["calibration"]["method"] == "peak"
     info = json.loads(_run(app, "switcher", "info", ckpt))
     assert info["edge_model_id"] == "tiny" and info["threshold"] == card["threshold"]
     report_dir = tmp_path / "report"
-    _run(app, "evaluate", "--switcher", ckpt, "--data", tmp_path / "dmd-test", "--out", report_dir, "--resamples", "50")
+    _run(app, "evaluate", "--switcher", ckpt, "--dmd", tmp_path / "dmd-test", "--out", report_dir, "--resamples", "50")
     report = json.loads((report_dir / "report.json").read_text())
     assert [r["approach"] for r in report["rows"]] == ["small_only", "large_only", "uncertainty", "dmd"]
     for row in report["rows"]:

@@ -4,6 +4,7 @@ form, the same option names for the same thing, key=value health, event ids in s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,16 @@ def test_help_shows_no_type_for_flags_and_plain_argument_names() -> None:
     assert "<bool>" not in replay + ack + distill
     assert "[OPTIONS] EVENT_ID" in ack and "{" not in ack.split("\n", 3)[1]
     assert "--fall-class,--fall-classes" in replay and "--fall-classes,--fall-class" in distill
+
+
+@pytest.mark.slow
+def test_one_name_and_one_default_for_one_thing() -> None:
+    replay, distill = help_of("replay"), help_of("distill")
+    calibrate, evaluate = help_of("switcher", "calibrate"), help_of("evaluate")
+    assert "--dataset" in replay and "--dataset" in distill
+    assert all(re.search(r"--dmd\s+DMD_DIR", h) and "--data " not in h for h in (calibrate, evaluate))
+    split_default = [h.split("--split", 1)[1].split("[default: ", 1)[1].split("]", 1)[0] for h in (replay, distill)]
+    assert split_default == ["valid", "valid"]
 
 
 def test_health_prints_key_value_pairs(redis_url, monkeypatch) -> None:
