@@ -273,7 +273,7 @@ def register(app: typer.Typer) -> None:
     @alerts_app.command("resolve")
     def resolve_command(
         ctx: typer.Context,
-        event_id: Annotated[str, typer.Argument(help="Event id (from tail, a notification or the web page).")],
+        event_id: Annotated[str, typer.Argument(metavar="EVENT_ID", help="Event id (from tail, a notification or the web page).")],
         outcome: Annotated[EventOutcome, typer.Option("--outcome", help="What was found.")],
         note: Annotated[str, typer.Option("--note", help="Optional note (at most 2000 characters).")] = "",
         by: Annotated[str, typer.Option("--by", help="Who resolves.")] = "cli",
