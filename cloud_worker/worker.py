@@ -38,6 +38,8 @@ from fallwatch.streams import job_queue
 log = structlog.get_logger(__name__)
 
 
+DEQUEUE_TIMEOUT_S = 1  # a blocking dequeue waits this long, so a stop or a Redis outage is noticed soon
+
 # The only function and callback a cloud worker runs: the ones the offload contract names.
 ALLOWED_JOBS = frozenset({OFFLOAD_JOB})
 ALLOWED_CALLBACKS = frozenset({OFFLOAD_FAILED})
@@ -49,13 +51,26 @@ class CloudWorker(SimpleWorker):
     fallwatch_beat: Heartbeat
     stop_event: threading.Event | None = None
 
+    def _set_connection(self, connection: redis.Redis) -> redis.Redis:
+        """Keep ``redis.socket_timeout_s``. RQ raises the pool's timeout to ``worker_ttl`` - 5 s (415 s) for
+        its own long blocking dequeue; this worker dequeues with a 1 s timeout, and a read on a connection
+        the network dropped silently (a NAT box, a link that changed path) would hang that long."""
+        kwargs = connection.connection_pool.connection_kwargs
+        kwargs["socket_timeout"] = max(kwargs.get("socket_timeout") or 0.0, DEQUEUE_TIMEOUT_S + 1.0)
+        return connection
+
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         try:
-            super().heartbeat(timeout, pipeline)
+            if pipeline is None:  # RQ's three commands in one round trip (it beats three times a job): a WAN's RTT
+                with self.connection.pipeline(transaction=False) as pipe:
+                    super().heartbeat(timeout, pipe)
+                    pipe.execute()
+            else:
+                super().heartbeat(timeout, pipeline)
             self.fallwatch_beat.beat()
         except (redis.ConnectionError, redis.TimeoutError):
             # RQ's dequeue loop retries Redis errors forever: leave it when asked to stop
@@ -115,7 +130,7 @@ class PollOutcome(StrEnum):
 def _next_job(worker: CloudWorker) -> tuple[Job, Queue] | PollOutcome:
     """The next job that may run, or IDLE (queue empty) or REJECTED (a job was refused)."""
     try:
-        result = worker.dequeue_job_and_maintain_ttl(timeout=1, max_idle_time=1)
+        result = worker.dequeue_job_and_maintain_ttl(timeout=DEQUEUE_TIMEOUT_S, max_idle_time=1)
     except (redis.RedisError, StopRequested):
         raise
     except Exception as exc:  # RQ could not even load the job hash: it tags the error with the job

@@ -66,13 +66,15 @@ def role_env(redis_url: str, **settings: object) -> dict[str, str]:
 
 
 class Role:
-    """One ``python -m fallwatch ARGS`` process in its own session; stdout and stderr go to a file."""
+    """One ``python -m fallwatch ARGS`` process in its own session; stdout and stderr go to a file.
+    ``prefix`` runs it through a command that execs it (``ip netns exec NS``), so the pid stays its own."""
 
-    def __init__(self, name: str, args: tuple[str, ...], env: dict[str, str], log_dir: Path):
+    def __init__(self, name: str, args: tuple[str, ...], env: dict[str, str], log_dir: Path,
+                 prefix: tuple[str, ...] = ()):
         self.name, self.args = name, args
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        argv = [sys.executable, "-m", "fallwatch", "--log-format", "json", *args]
+        argv = [*prefix, sys.executable, "-m", "fallwatch", "--log-format", "json", *args]
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=log_dir)
 
@@ -118,15 +120,16 @@ class Role:
 class Roles:
     """The roles of one test. Use as a context manager: whatever is still running at the end is stopped."""
 
-    def __init__(self, redis_url: str, log_dir: Path, extra_env: dict[str, str] | None = None, **settings: object):
+    def __init__(self, redis_url: str, log_dir: Path, extra_env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = (), **settings: object):
         self.redis_url, self.log_dir, self.settings = redis_url, Path(log_dir), settings
-        self.extra_env = extra_env or {}
+        self.extra_env, self.prefix = extra_env or {}, prefix
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.roles: dict[str, Role] = {}
 
     def start(self, name: str, *args: str, **settings: object) -> Role:
         env = {**role_env(self.redis_url, **{**self.settings, **settings}), **self.extra_env}
-        role = Role(name, args, env, self.log_dir)
+        role = Role(name, args, env, self.log_dir, self.prefix)
         self.roles[name] = role
         return role
 

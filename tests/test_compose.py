@@ -244,6 +244,11 @@ def test_cloud_user_over_tls_can_serve_the_queue(site_redis):
     cloud.xadd(keys.dead_letter_stream(), {b"t": b"dead_letter"})
     cloud.set(keys.heartbeat("cloud", "gpu-1"), "1", ex=15)
     cloud.set(keys.metrics_endpoint("cloud", "gpu-1"), "gpu-host:9108", ex=15)
+    # ... and what a scored job touches besides: edge features, live DMD, service time, the budget
+    assert cloud.hgetall(keys.edge_features("cam1:1")) == {} and cloud.delete(keys.edge_features("cam1:1")) == 0
+    cloud.xadd(keys.dmd_store(), {b"t": b"dmd"})
+    cloud.hset(keys.cloud_service(), "gpu-1", "{}")
+    cloud.hgetall(keys.budget_bucket())
     assert list(cloud.scan_iter(match=keys.heartbeat_pattern("cloud"))) == [b"fallwatch:heartbeat:cloud:gpu-1"]
     assert site.xlen(keys.verdicts_stream()) == 1
     cloud.close()
