@@ -266,6 +266,10 @@ class Keys:
         """Frames trimmed while delivered but unacknowledged (found by an edge worker's XAUTOCLAIM)."""
         return self.counter("frames_trimmed_pending")
 
+    def replica_barrier(self) -> str:
+        """Integer bumped right before a WAIT for replicas (the write the WAIT is measured from)."""
+        return self._k("replica", "barrier")
+
     # --- parsing keys back apart ----------------------------------------------------------
     def parse(self, key: bytes | str, pattern: str) -> tuple[str, ...]:
         """What the ``*`` of ``pattern`` (a key built here with ``*`` parts) stand for in ``key``.

@@ -52,11 +52,14 @@ BASE_ENV = {
 }
 
 
-def role_env(redis_url: str, **settings: object) -> dict[str, str]:
-    """This process's environment without any FALLWATCH_ variable, plus BASE_ENV, the Redis URL and
-    ``settings`` given as ``section__field=value`` (``edge__claim_idle_ms=1000``)."""
+def role_env(redis_url: str | None, **settings: object) -> dict[str, str]:
+    """This process's environment without any FALLWATCH_ variable, plus BASE_ENV, the Redis URL (None:
+    none, e.g. with ``redis__sentinel__...`` settings) and ``settings`` given as ``section__field=value``
+    (``edge__claim_idle_ms=1000``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
-    env.update(BASE_ENV, PYTHONUNBUFFERED="1", FALLWATCH_REDIS__URL=redis_url)
+    env.update(BASE_ENV, PYTHONUNBUFFERED="1")
+    if redis_url is not None:
+        env["FALLWATCH_REDIS__URL"] = redis_url
     for name, value in settings.items():
         env[f"FALLWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
     return env
@@ -118,7 +121,7 @@ class Role:
 class Roles:
     """The roles of one test. Use as a context manager: whatever is still running at the end is stopped."""
 
-    def __init__(self, redis_url: str, log_dir: Path, extra_env: dict[str, str] | None = None, **settings: object):
+    def __init__(self, redis_url: str | None, log_dir: Path, extra_env: dict[str, str] | None = None, **settings: object):
         self.redis_url, self.log_dir, self.settings = redis_url, Path(log_dir), settings
         self.extra_env = extra_env or {}
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -272,12 +275,17 @@ def record(figures: FaultFigures) -> FaultFigures:
     return figures
 
 
+def _number(fault: str) -> tuple[int, str]:
+    head = fault.split(".", 1)[0]
+    return (int(head) if head.isdigit() else 10**6, fault)
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table of the latest figures per fault, in the order of their names."""
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["fault"]] = row
-    latest = dict(sorted(latest.items(), key=lambda kv: kv[0]))  # faults are named "1. ...", "2. ...", ...
+    latest = dict(sorted(latest.items(), key=lambda kv: _number(kv[0])))  # faults are named "1. ...", "2. ..."
     head = ("| fault | unit | in | out | lost | duplicates | deduplicated | dead-lettered | dropped by design "
             "| time to recover | notes |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
