@@ -63,7 +63,7 @@ class EdgeWorker(RoleLoop):
     """One consumer of the edge group. Drive it with :meth:`run` or, in tests, :meth:`step`."""
 
     log_name = "edge_worker"
-    outage_errors = (redis.ConnectionError, redis.TimeoutError)
+    outage_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, model: Scorer,
                  switcher: AgreementModel | None = None, name: str | None = None,

@@ -17,9 +17,10 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-CameraCounter = Literal["items", "frames", "gated", "dropped", "trimmed", "seq"]
+CameraCounter = Literal["items", "frames", "gated", "dropped", "oom", "trimmed", "seq"]
 """Per-camera ingest counters: stream entries, images in them, still frames skipped, frames dropped
-by a full live buffer, entries trimmed unread by MAXLEN; ``seq`` allocates frame numbers."""
+by a full live buffer, frames dropped because Redis refused writes (out of memory), entries trimmed
+unread by MAXLEN; ``seq`` allocates frame numbers."""
 
 
 @dataclass(frozen=True)

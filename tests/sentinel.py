@@ -145,7 +145,7 @@ def small_redis(maxmemory_mb: int = 8) -> EmbeddedRedis:
     return EmbeddedRedis(data_dir, appendonly=False, extra_args=args, executable=redis_server()).start()
 
 
-def fill(client: redis.Redis, key: str, chunk: int = 256 * 1024) -> int:
+def fill(client: redis.Redis, key: str, chunk: int = 64 * 1024) -> int:
     """Append to ``key`` until the server refuses writes (OOM); the bytes it holds."""
     size = 0
     while True:
