@@ -174,6 +174,20 @@ def wait_up(client: redis.Redis, keys: Keys, roles: Roles, *workers: tuple[str, 
             raise AssertionError(f"no heartbeat from {role} {name} within {timeout}s\n{roles.logs()}")
 
 
+def beat_again(client: redis.Redis, keys: Keys, roles: Roles, *workers: tuple[str, str], timeout: float = 30.0) -> None:
+    """Delete the heartbeats of every (role, name) and wait for new ones: each is back at work."""
+    for role, name in workers:
+        client.delete(keys.heartbeat(role, name))
+    wait_up(client, keys, roles, *workers, timeout=timeout)
+
+
+def wait_new_final(client: redis.Redis, keys: Keys, roles: Roles, since_wall: float, timeout: float = 60.0) -> float:
+    """Wait for a final verdict decided after ``since_wall`` (wall clock); the monotonic time it was seen."""
+    if not wait_for(lambda: any(v.decided_at > since_wall for v in finals(client, keys)), timeout):
+        raise AssertionError(f"no final verdict within {timeout}s\n{roles.logs()}")
+    return time.monotonic()
+
+
 # --- Redis -----------------------------------------------------------------------------------------
 
 
