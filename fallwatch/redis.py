@@ -26,7 +26,7 @@ import redis
 import structlog
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from fallwatch.settings import RedisSettings
 
@@ -226,8 +226,19 @@ def redis_cli(url: str, *command: str) -> str:
 
 def server_address(client: redis.Redis) -> str:
     """Where ``client`` connects (host:port or socket path; never the password)."""
+    service = getattr(client.connection_pool, "service_name", None)
+    if service is not None:
+        return f"the primary {service!r} the sentinels name"
     kw = client.connection_pool.connection_kwargs
     return str(kw["path"]) if kw.get("path") else f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
+def _no_primary(client: redis.Redis) -> str:
+    """Why a Sentinel client found no primary, in one line (redis-py's message holds whole client reprs)."""
+    pool = client.connection_pool
+    addresses = [f"{s.connection_pool.connection_kwargs.get('host')}:{s.connection_pool.connection_kwargs.get('port')}"
+                 for s in pool.sentinel_manager.sentinels]
+    return f"no sentinel of {', '.join(addresses)} names a reachable primary {pool.service_name!r}"
 
 
 def probe(cfg: RedisSettings, url: str | None) -> None:
@@ -249,6 +260,8 @@ def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
         raise RedisUnavailable(f"authentication failed: {exc}") from None
     except redis.ResponseError as exc:
         raise RedisUnavailable(f"server refused the command: {exc}") from None
+    except MasterNotFoundError:
+        raise RedisUnreachable(f"cannot reach Redis: {_no_primary(client)}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnreachable(f"cannot reach Redis at {server_address(client)}: {exc}") from None
     version = str(info.get("redis_version", "0"))

@@ -230,3 +230,14 @@ def test_replica_wait_only_with_a_replica_and_on_the_connection_of_a_write_of_it
     wait = ReplicaWait(clock=lambda: clock[0])
     assert wait(gone, "k") == 0 and wait(gone, "k") == 0 and gone.infos == 2
     assert ReplicaWait(replicas=0)(one, "k") is None
+
+
+def test_health_names_the_sentinels_when_none_knows_the_primary() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
+    env["FALLWATCH_REDIS__SENTINEL__ADDRESSES"] = f'["127.0.0.1:{free_port()}"]'
+    env["FALLWATCH_REDIS__SENTINEL__MASTER_NAME"] = "fw"
+    res = subprocess.run([sys.executable, "-m", "fallwatch", "health"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert "no sentinel of 127.0.0.1:" in line and "names a reachable primary 'fw'" in line
