@@ -142,6 +142,12 @@ def sentinel_url(cfg: RedisSettings) -> str:
 # --- writes that must survive a failover --------------------------------------------------
 
 
+class ReplicaNotConfirmed(redis.ConnectionError):
+    """A WAIT timed out: the write may be on the primary only, or (after a failover) lost. Callers retry
+    their input as after a lost connection; writes are idempotent, and the retry waits only if a replica
+    is still there."""
+
+
 class ReplicaWait:
     """WAIT for replicas after writes that must survive a failover (Redis replicates asynchronously).
 
@@ -149,7 +155,9 @@ class ReplicaWait:
     (INCR of ``keys.replica_barrier()``) on the same connection: the replication stream is ordered, so
     a replica that has that write has every earlier write of every client. ``replicas`` -1 means one
     replica when the primary has any (INFO replication, looked up again every ``recheck_s`` and after
-    a WAIT that timed out); 0 never waits.
+    a WAIT that timed out); 0 never waits. A WAIT that times out raises :class:`ReplicaNotConfirmed`, and
+    so does a look-up that finds fewer replicas than the one before: the write just made may have gone
+    to a successor of the primary that had the replica (a failover).
     """
 
     def __init__(self, replicas: int = -1, timeout_ms: int = 1000, recheck_s: float = 10.0,
@@ -157,16 +165,24 @@ class ReplicaWait:
         self.replicas, self.timeout_ms, self.recheck_s, self.clock = replicas, timeout_ms, recheck_s, clock
         self._known: int | None = None
         self._checked_at = 0.0
+        self._told = False  # the last WAIT failed: a drop in the count found next is no news
 
     def wanted(self, client: redis.Redis) -> int:
         """Replicas to wait for now."""
         if self.replicas >= 0:
             return self.replicas
         if self._known is None or self.clock() - self._checked_at >= self.recheck_s:
-            info = client.info("replication")
-            self._known = min(1, int(info.get("connected_slaves", 0))) if info.get("role") == "master" else 0
+            before, self._known = self._known, self._replicas_now(client)
             self._checked_at = self.clock()
+            if before and self._known < before and not self._told:
+                raise ReplicaNotConfirmed("the primary has fewer replicas than before (a failover?)")
+            self._told = False
         return self._known
+
+    @staticmethod
+    def _replicas_now(client: redis.Redis) -> int:
+        info = client.info("replication")
+        return min(1, int(info.get("connected_slaves", 0))) if info.get("role") == "master" else 0
 
     def __call__(self, client: redis.Redis, barrier_key: str) -> int | None:
         """Wait; the number of replicas that have the writes (None: nothing to wait for)."""
@@ -182,8 +198,9 @@ class ReplicaWait:
             log.warning("replica_wait_failed", error=str(exc))
             return None
         if acked < wanted:
-            self._known = None  # a replica went away (or a failover happened): look again next time
+            self._checked_at, self._told = float("-inf"), True  # look again next time (already told)
             log.warning("replica_wait_timed_out", wanted=wanted, acked=acked, timeout_ms=self.timeout_ms)
+            raise ReplicaNotConfirmed(f"no replica confirmed the write within {self.timeout_ms} ms")
         return acked
 
 

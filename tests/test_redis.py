@@ -211,7 +211,7 @@ class FakeWaitClient:
 
 
 def test_replica_wait_only_with_a_replica_and_on_the_connection_of_a_write_of_its_own() -> None:
-    from fallwatch.redis import ReplicaWait
+    from fallwatch.redis import ReplicaNotConfirmed, ReplicaWait
 
     clock = [0.0]
     none = FakeWaitClient(replicas=0, acked=0)
@@ -226,10 +226,20 @@ def test_replica_wait_only_with_a_replica_and_on_the_connection_of_a_write_of_it
     clock[0] = 11.0
     wait(one, "fw:replica:barrier")
     assert one.infos == 2                        # ... for 10 s
-    gone = FakeWaitClient(replicas=1, acked=0)   # the replica does not answer: looked up again next time
+    gone = FakeWaitClient(replicas=1, acked=0)   # the replica does not answer: the caller retries ...
     wait = ReplicaWait(clock=lambda: clock[0])
-    assert wait(gone, "k") == 0 and wait(gone, "k") == 0 and gone.infos == 2
+    with pytest.raises(ReplicaNotConfirmed):
+        wait(gone, "k")
+    gone.replicas = 0                            # ... and INFO is asked again: no replica, no wait
+    assert wait(gone, "k") is None and gone.infos == 2
     assert ReplicaWait(replicas=0)(one, "k") is None
+    shrank = FakeWaitClient(replicas=1, acked=1)  # a look-up finds fewer replicas than the last: not confirmed
+    wait = ReplicaWait(clock=lambda: clock[0])
+    assert wait(shrank, "k") == 1
+    shrank.replicas, clock[0] = 0, 30.0
+    with pytest.raises(ReplicaNotConfirmed):
+        wait(shrank, "k")
+    assert wait(shrank, "k") is None
 
 
 def test_health_names_the_sentinels_when_none_knows_the_primary() -> None:
