@@ -103,7 +103,8 @@ class RedisSettings(Section):
                     "acknowledgements) WAIT for this many replicas: -1 = 1 when the primary has a replica "
                     "(INFO replication, checked every 10 s), 0 = never.")
     wait_timeout_ms: int = Field(1000, ge=1, le=60_000,
-                                 description="Longest WAIT for a replica; the write stands either way.")
+                                 description="Longest WAIT for a replica; past it the write's caller fails once "
+                                             "and retries (the write itself stands on the primary).")
 
     @model_validator(mode="after")
     def _one_server(self) -> "RedisSettings":
