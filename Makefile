@@ -27,7 +27,8 @@ test-fast: install
 # Fault-injection and security tests on real processes; prints the table of docs/reliability.md.
 faults: install
 	mkdir -p .fallwatch && rm -f .fallwatch/faults.jsonl
-	FALLWATCH_FAULT_REPORT=.fallwatch/faults.jsonl $(PY) -m pytest -q tests/test_faults.py tests/test_faults_network.py tests/test_security.py
+	FALLWATCH_FAULT_REPORT=.fallwatch/faults.jsonl $(PY) -m pytest -q tests/test_faults.py tests/test_faults_network.py \
+		tests/test_faults_failover.py tests/test_faults_oom.py tests/test_security.py
 	$(PY) -m tests.faults table .fallwatch/faults.jsonl
 
 # The end-to-end demo: synthetic data, tiny models, DMD, the live pipeline on an embedded Redis.

@@ -26,6 +26,7 @@ import structlog
 
 from alerts.notify import Delivery, channel_id, channel_ids_for, compose, deliveries_for
 from fallwatch.keys import Keys
+from fallwatch.redis import wait_replica
 from fallwatch.schemas import AlertEvent, EventKind, EventType, encode
 from fallwatch.settings import EscalationTier, Settings
 
@@ -118,6 +119,7 @@ class Escalator:
                 except redis.WatchError:
                     continue
         if event is not None:
+            wait_replica(self.client, self.keys.replica_barrier())
             log.info("alert_escalated", event_id=event_id, camera=event.camera_id, tier=event.escalation_tier,
                      tier_name=event.escalation_name, open_s=round(now - event.started_at, 1))
         return event

@@ -43,6 +43,7 @@ from fallwatch.streams import Entry, ack, dead_letter, ensure_group, read_group,
 from fallwatch.checks import url_problem
 from fallwatch.defaults import DELIVERED_TTL_S
 from fallwatch.keys import Keys, text
+from fallwatch.redis import wait_replica
 from fallwatch.metrics import AlertsMetrics
 from fallwatch.registry import SchemeRegistry
 from fallwatch.role import RoleLoop
@@ -279,6 +280,22 @@ def _with_timeouts(url: str, timeout_s: float) -> str:
     return url + ("&" if "?" in url else "?") + "&".join(extra)
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_FIELD = "idempotency_key"
+_HTTP_PLUGINS = ("apprise.plugins.custom_json", "apprise.plugins.custom_form", "apprise.plugins.custom_xml")
+
+
+def stamp_idempotency_key(plugin: Any, key: str) -> None:
+    """Give an HTTP webhook (apprise's json://, form://, xml://) the delivery's idempotency key: as the
+    ``Idempotency-Key`` header, and as the ``idempotency_key`` field of the body. A repeat
+    after a crash between sending and the delivered marker carries the same key, so a receiver can
+    drop it. Other channels (e-mail, chat services) have no such field: see docs/reliability.md."""
+    if type(plugin).__module__ not in _HTTP_PLUGINS:
+        return
+    plugin.headers[IDEMPOTENCY_HEADER] = key
+    plugin.payload_extras[IDEMPOTENCY_FIELD] = key
+
+
 class AppriseChannel(NotificationChannel):
     """One apprise URL (``json://``, ``mailto://``, ``ntfy://`` ...)."""
 
@@ -296,6 +313,8 @@ class AppriseChannel(NotificationChannel):
             raise ValueError(f"notification channel {self.name}: {problem or 'apprise does not accept this URL'}")
 
     def deliver(self, note: Delivery, attachment: Path | None = None) -> bool:
+        for plugin in self._apprise:
+            stamp_idempotency_key(plugin, note.idempotency_key)
         result = self._apprise.notify(body=note.body, title=note.title,
                                       attach=str(attachment) if attachment else None, timeout=self.timeout_s)
         return bool(result)
@@ -455,6 +474,7 @@ class Notifier(RoleLoop):
                         retry_in_s=round(backoff_s(attempts, self.cfg), 2))
             return "failed"
         self.client.set(marker, status.value, nx=True, ex=DELIVERED_TTL_S)
+        wait_replica(self.client, self.keys.replica_barrier())  # a lost marker would mean a repeat
         self._finish(entry)
         log.info("notification_sent" if status is DeliveryStatus.DELIVERED else "notification_suppressed",
                  channel=note.channel, event_id=note.event_id, camera=note.camera_id)

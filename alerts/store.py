@@ -23,6 +23,7 @@ from alerts.events import (EVENT_FRAMES_MAX, CameraAlertState, EventStep, Transi
                            on_status, on_tick)
 from fallwatch.defaults import EVENT_TTL_S
 from fallwatch.keys import Keys, text
+from fallwatch.redis import wait_replica
 from fallwatch.schemas import (AlertEvent, CameraStatus, EventKind, EventOutcome, EventRecord, EventType, FinalVerdict,
                                OutcomeRecord, encode)
 from fallwatch.settings import Settings
@@ -151,6 +152,7 @@ class EventStore:
                     break
                 except redis.WatchError:
                     continue
+        wait_replica(self.client, self.keys.replica_barrier())  # events and the outbox survive a failover
         for ev in events:
             log.info("alert_event", event_id=ev.event_id, type=ev.type.value, kind=ev.kind.value,
                      camera=camera_id, confidence=ev.confidence)
@@ -214,6 +216,7 @@ def acknowledge(client: redis.Redis, keys: Keys, event_id: str, by: str, maxlen:
                 break
             except redis.WatchError:
                 continue
+    wait_replica(client, keys.replica_barrier())
     log.info("alert_acknowledged", event_id=event_id, by=by, source=source)
     return event
 
@@ -240,6 +243,7 @@ def resolve(client: redis.Redis, keys: Keys, event_id: str, by: str, outcome: Ev
                 break
             except redis.WatchError:
                 continue
+    wait_replica(client, keys.replica_barrier())
     log.info("alert_resolved", event_id=event_id, by=by, outcome=outcome.value, source=source)
     return event
 

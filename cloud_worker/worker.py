@@ -176,7 +176,7 @@ class CloudLoop(RoleLoop):
     """The role loop around RQ's job machinery: one job (or maintenance, or an idle poll) a step."""
 
     log_name = "cloud_worker"
-    outage_errors = (redis.ConnectionError, redis.TimeoutError)
+    outage_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
     def __init__(self, worker: CloudWorker, stop: threading.Event, burst: bool, retry: RedisSettings | None):
         self.worker, self.name, self.burst, self.retry = worker, worker.name, burst, retry or RedisSettings()

@@ -28,7 +28,7 @@ from fallwatch.role import RoleLoop
 from fallwatch.runtime import Heartbeat, worker_name
 from fallwatch.schemas import EdgeVerdict, OffloadRequest, encode
 from fallwatch.settings import Settings
-from fallwatch.streams import ensure_group, job_queue, write_dead_letter
+from fallwatch.streams import ensure_group, job_queue, read_own_pending, write_dead_letter
 from switcher.publish import SwitcherWatcher
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,8 @@ class EdgeWorker(RoleLoop):
     """One consumer of the edge group. Drive it with :meth:`run` or, in tests, :meth:`step`."""
 
     log_name = "edge_worker"
-    outage_errors = (redis.ConnectionError, redis.TimeoutError)
+    outage_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+    _own_first = False  # after an outage: this worker's own pending entries before new ones
 
     def __init__(self, settings: Settings, client: redis.Redis, keys: Keys, model: Scorer,
                  switcher: AgreementModel | None = None, name: str | None = None,
@@ -115,10 +116,23 @@ class EdgeWorker(RoleLoop):
         if any(fields is None for _eid, fields in entries):  # Redis < 7 claims trimmed entries as nil
             live = {text(eid) for eid, fields in entries if fields}  # claimed with their data: scored below,
             deleted += [d for d in self._trimmed_own_pending() if text(d) not in live]  # even if trimmed since
-        if deleted:  # trimmed by MAXLEN while pending: nothing left to score
+        self._drop_trimmed(deleted)
+        return [(text(eid), fields) for eid, fields in entries if fields]
+
+    def _drop_trimmed(self, deleted: list) -> None:
+        """Acknowledge and count entries trimmed by MAXLEN while pending: nothing left to score."""
+        if deleted:
             self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
             self.client.incrby(self.keys.frames_trimmed_pending(), len(deleted))
-        return [(text(eid), fields) for eid, fields in entries if fields]
+
+    def own_pending(self) -> list[tuple[str, dict]]:
+        """After an outage: the entries this worker read but whose outputs never got written (a
+        failover, Redis out of memory), scored at once rather than after ``claim_idle_ms``."""
+        entries = read_own_pending(self.client, self.keys.edge_group(), self.name, self.keys.frames_stream(),
+                                   self.cfg.batch_size)
+        self._own_first = bool(entries)
+        self._drop_trimmed([e.id for e in entries if e.fields is None])
+        return [(e.id, e.fields) for e in entries if e.fields is not None]
 
     def _trimmed_own_pending(self) -> list[bytes]:
         """Ids pending for this consumer whose entries are gone. Redis 6.2's XAUTOCLAIM hands them over
@@ -140,6 +154,8 @@ class EdgeWorker(RoleLoop):
         if now - self._last_claim >= self.cfg.claim_idle_ms / 2000:
             self._last_claim = now
             claimed = self.claim()
+        if self._own_first and not claimed:
+            claimed = self.own_pending()
         entries = claimed or self.read(block_ms)
         result = self.process(entries)
         result.claimed = len(claimed)
@@ -290,6 +306,9 @@ class EdgeWorker(RoleLoop):
 
     def started_fields(self) -> dict[str, Any]:
         return {"model": self.model.model_id, "switcher": self.switcher is not None, "batch_size": self.cfg.batch_size}
+
+    def on_outage(self, exc: BaseException) -> None:
+        self._own_first = True
 
     def run_once(self) -> EdgeStepReport | None:
         try:

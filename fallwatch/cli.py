@@ -236,7 +236,7 @@ def up(
     stop = stop_on_signals()
     with RedisHandle(settings.redis, stop) as handle:
         log.info("up", redis=redact_url(handle.url), roles=[s.name for s in specs])
-        Supervisor(specs, child_env(handle.url), config=app_ctx.config_file).run(stop)
+        Supervisor(specs, child_env(handle.child_url), config=app_ctx.config_file).run(stop)
 
 
 @app.command("demo")

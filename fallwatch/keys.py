@@ -17,9 +17,10 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-CameraCounter = Literal["items", "frames", "gated", "dropped", "trimmed", "seq"]
+CameraCounter = Literal["items", "frames", "gated", "dropped", "oom", "trimmed", "seq"]
 """Per-camera ingest counters: stream entries, images in them, still frames skipped, frames dropped
-by a full live buffer, entries trimmed unread by MAXLEN; ``seq`` allocates frame numbers."""
+by a full live buffer, frames dropped because Redis refused writes (out of memory), entries trimmed
+unread by MAXLEN; ``seq`` allocates frame numbers."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,10 @@ class Keys:
     def frames_trimmed_pending(self) -> str:
         """Frames trimmed while delivered but unacknowledged (found by an edge worker's XAUTOCLAIM)."""
         return self.counter("frames_trimmed_pending")
+
+    def replica_barrier(self) -> str:
+        """Integer bumped right before a WAIT for replicas (the write the WAIT is measured from)."""
+        return self._k("replica", "barrier")
 
     # --- parsing keys back apart ----------------------------------------------------------
     def parse(self, key: bytes | str, pattern: str) -> tuple[str, ...]:

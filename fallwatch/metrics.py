@@ -85,6 +85,9 @@ class FallwatchMetrics:
     decode_errors: Counter
     camera_online: Gauge
     camera_fps: Gauge
+    frames_dropped_oom: Counter
+    # every role
+    redis_out_of_memory: Gauge
     # edge and switcher
     edge_batch_size: Histogram
     edge_batch_seconds: Histogram
@@ -132,6 +135,10 @@ def build_metrics(registry: CollectorRegistry | None = None) -> FallwatchMetrics
         decode_errors=counter("decode_errors", "Frames or packets the decoder could not read.", ["camera"]),
         camera_online=gauge("camera_online", "1 while the camera delivers frames, else 0.", ["camera"]),
         camera_fps=gauge("camera_fps", "Frame rate reported by the camera source.", ["camera"]),
+        frames_dropped_oom=counter("frames_dropped_oom", "Frames dropped because Redis refused writes "
+                                   "(out of memory: maxmemory reached under noeviction).", ["camera"]),
+        redis_out_of_memory=gauge("redis_out_of_memory", "1 while Redis refuses this process's writes "
+                                  "(maxmemory reached under noeviction), else 0."),
         edge_batch_size=histogram("edge_batch_size", "Items per edge model batch.", BATCH_SIZE_BUCKETS),
         edge_batch_seconds=histogram("edge_batch_seconds", "Edge model time per batch.", EDGE_SECONDS_BUCKETS),
         switcher_decisions=counter("switcher_decisions", "Switcher routing decisions.", ["decision"]),
@@ -196,13 +203,23 @@ class IngestMetrics(_Facade):
     decode_errors: Counter
     camera_online: Gauge
     camera_fps: Gauge
-
+    frames_dropped_oom: Counter
+    redis_out_of_memory: Gauge
 
     def ingested(self, camera: str, n: int = 1) -> None:
         self.frames_ingested.labels(safe_label(camera, "camera")).inc(n)
 
     def dropped(self, camera: str, n: int = 1) -> None:
         self.frames_dropped.labels(safe_label(camera, "camera")).inc(n)
+
+    def dropped_oom(self, camera: str, n: int = 1) -> None:
+        """Frames Redis refused (out of memory); also sets ``redis_out_of_memory`` while it lasts."""
+        self.frames_dropped_oom.labels(safe_label(camera, "camera")).inc(n)
+        self.redis_out_of_memory.set(1)
+
+    def memory_ok(self) -> None:
+        """Redis took a write again."""
+        self.redis_out_of_memory.set(0)
 
     def motion_skipped(self, camera: str, n: int = 1) -> None:
         self.frames_motion_skipped.labels(safe_label(camera, "camera")).inc(n)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +26,7 @@ import redis
 import structlog
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from fallwatch.settings import RedisSettings
 
@@ -59,11 +62,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
 
 
-def connection_kwargs(cfg: RedisSettings, url: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``redis.Redis.from_url`` built from settings."""
-    url = url or (cfg.url.get_secret_value() if cfg.url else None)
-    if not url:
-        raise RedisUnavailable("no Redis URL configured and no embedded server running")
+def _client_kwargs(cfg: RedisSettings, tls: bool) -> dict[str, Any]:
+    """Timeouts, reconnect retries, ACL login and TLS files: the same for a URL and for Sentinel."""
     kw: dict[str, Any] = {
         "socket_timeout": cfg.socket_timeout_s,
         "socket_connect_timeout": cfg.connect_timeout_s,
@@ -75,22 +75,145 @@ def connection_kwargs(cfg: RedisSettings, url: str | None = None) -> dict[str, A
         kw["username"] = cfg.username
     if cfg.password:
         kw["password"] = cfg.password.get_secret_value()
-    if urlsplit(url).scheme == "rediss":
-        if cfg.ssl_ca_certs:
-            kw["ssl_ca_certs"] = str(cfg.ssl_ca_certs)
-        if cfg.ssl_certfile:
-            kw["ssl_certfile"] = str(cfg.ssl_certfile)
-        if cfg.ssl_keyfile:
-            kw["ssl_keyfile"] = str(cfg.ssl_keyfile)
+    if tls:
+        kw.update(_tls_files(cfg))
+    return kw
+
+
+def _tls_files(cfg: RedisSettings) -> dict[str, str]:
+    files = {"ssl_ca_certs": cfg.ssl_ca_certs, "ssl_certfile": cfg.ssl_certfile, "ssl_keyfile": cfg.ssl_keyfile}
+    return {k: str(v) for k, v in files.items() if v}
+
+
+def connection_kwargs(cfg: RedisSettings, url: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``redis.Redis.from_url`` built from settings."""
+    url = url or (cfg.url.get_secret_value() if cfg.url else None)
+    if not url:
+        raise RedisUnavailable("no Redis URL configured and no embedded server running")
+    kw = _client_kwargs(cfg, tls=urlsplit(url).scheme == "rediss")
     if urlsplit(url).scheme == "unix":
         kw.pop("socket_connect_timeout")
     return {"url": url, **kw}
 
 
+def _sentinel_kwargs(cfg: RedisSettings) -> dict[str, Any]:
+    """How to reach the sentinels themselves: their own ACL login, the primary's timeouts and TLS."""
+    s = cfg.sentinel
+    assert s is not None
+    kw: dict[str, Any] = {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.connect_timeout_s}
+    if s.username:
+        kw["username"] = s.username
+    if s.password:
+        kw["password"] = s.password.get_secret_value()
+    if s.tls:
+        kw.update(ssl=True, **_tls_files(cfg))
+    return kw
+
+
+def sentinel_client(cfg: RedisSettings) -> redis.Redis:
+    """A client of the primary the sentinels name; it asks them again after a lost connection, so a
+    failover looks like a short outage (redis-py turns a demoted primary's READONLY into one too)."""
+    s = cfg.sentinel
+    assert s is not None
+    kw = _client_kwargs(cfg, tls=s.tls)
+    sentinel = Sentinel(s.pairs(), sentinel_kwargs=_sentinel_kwargs(cfg), **kw)
+    return sentinel.master_for(s.master_name, db=s.db, ssl=s.tls)
+
+
 def connect(cfg: RedisSettings, url: str | None = None) -> redis.Redis:
-    """A client for the configured (or given) URL. Binary responses: callers decode."""
-    kw = connection_kwargs(cfg, url)
-    return redis.Redis.from_url(kw.pop("url"), **kw)
+    """A client for the given URL, else the configured sentinels or URL. Binary responses: callers decode."""
+    if url is None and cfg.sentinel is not None:
+        client = sentinel_client(cfg)
+    else:
+        kw = connection_kwargs(cfg, url)
+        client = redis.Redis.from_url(kw.pop("url"), **kw)
+    REPLICA_WAITS[client.connection_pool] = ReplicaWait(cfg.wait_replicas, cfg.wait_timeout_ms)
+    return client
+
+
+def sentinel_url(cfg: RedisSettings) -> str:
+    """How the sentinel set-up is shown (no password): ``redis+sentinel://h1:p1,h2:p2/name/db``."""
+    s = cfg.sentinel
+    assert s is not None
+    scheme = "rediss+sentinel" if s.tls else "redis+sentinel"
+    return f"{scheme}://{','.join(s.addresses)}/{s.master_name}/{s.db}"
+
+
+# --- writes that must survive a failover --------------------------------------------------
+
+
+class ReplicaNotConfirmed(redis.ConnectionError):
+    """A WAIT timed out: the write may be on the primary only, or (after a failover) lost. Callers retry
+    their input as after a lost connection; writes are idempotent, and the retry waits only if a replica
+    is still there."""
+
+
+class ReplicaWait:
+    """WAIT for replicas after writes that must survive a failover (Redis replicates asynchronously).
+
+    WAIT covers the writes of the connection it is sent on, so it is sent after a tiny write of its own
+    (INCR of ``keys.replica_barrier()``) on the same connection: the replication stream is ordered, so
+    a replica that has that write has every earlier write of every client. ``replicas`` -1 means one
+    replica when the primary has any (INFO replication, looked up again every ``recheck_s`` and after
+    a WAIT that timed out); 0 never waits. A WAIT that times out raises :class:`ReplicaNotConfirmed`, and
+    so does a look-up that finds fewer replicas than the one before: the write just made may have gone
+    to a successor of the primary that had the replica (a failover).
+    """
+
+    def __init__(self, replicas: int = -1, timeout_ms: int = 1000, recheck_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.replicas, self.timeout_ms, self.recheck_s, self.clock = replicas, timeout_ms, recheck_s, clock
+        self._known: int | None = None
+        self._checked_at = 0.0
+        self._told = False  # the last WAIT failed: a drop in the count found next is no news
+
+    def wanted(self, client: redis.Redis) -> int:
+        """Replicas to wait for now."""
+        if self.replicas >= 0:
+            return self.replicas
+        if self._known is None or self.clock() - self._checked_at >= self.recheck_s:
+            before, self._known = self._known, self._replicas_now(client)
+            self._checked_at = self.clock()
+            if before and self._known < before and not self._told:
+                raise ReplicaNotConfirmed("the primary has fewer replicas than before (a failover?)")
+            self._told = False
+        return self._known
+
+    @staticmethod
+    def _replicas_now(client: redis.Redis) -> int:
+        info = client.info("replication")
+        return min(1, int(info.get("connected_slaves", 0))) if info.get("role") == "master" else 0
+
+    def __call__(self, client: redis.Redis, barrier_key: str) -> int | None:
+        """Wait; the number of replicas that have the writes (None: nothing to wait for)."""
+        wanted = self.wanted(client)
+        if not wanted:
+            return None
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.incr(barrier_key)
+                pipe.wait(wanted, self.timeout_ms)
+                acked = int(pipe.execute()[1])
+        except redis.ResponseError as exc:  # out of memory: the write stands, unreplicated for now
+            log.warning("replica_wait_failed", error=str(exc))
+            return None
+        if acked < wanted:
+            self._checked_at, self._told = float("-inf"), True  # look again next time (already told)
+            log.warning("replica_wait_timed_out", wanted=wanted, acked=acked, timeout_ms=self.timeout_ms)
+            raise ReplicaNotConfirmed(f"no replica confirmed the write within {self.timeout_ms} ms")
+        return acked
+
+
+REPLICA_WAITS: "weakref.WeakKeyDictionary[Any, ReplicaWait]" = weakref.WeakKeyDictionary()
+
+
+def wait_replica(client: Any, barrier_key: str) -> int | None:
+    """After a write that must survive a failover (alert events, the notification outbox,
+    acknowledgements): WAIT as :func:`connect` set up for ``client`` (auto mode for other clients)."""
+    wait = REPLICA_WAITS.get(client.connection_pool)
+    if wait is None:
+        wait = REPLICA_WAITS.setdefault(client.connection_pool, ReplicaWait())
+    return wait(client, barrier_key)
 
 
 def redact_url(url: str) -> str:
@@ -120,12 +243,24 @@ def redis_cli(url: str, *command: str) -> str:
 
 def server_address(client: redis.Redis) -> str:
     """Where ``client`` connects (host:port or socket path; never the password)."""
+    service = getattr(client.connection_pool, "service_name", None)
+    if service is not None:
+        return f"the primary {service!r} the sentinels name"
     kw = client.connection_pool.connection_kwargs
     return str(kw["path"]) if kw.get("path") else f"{kw.get('host', '?')}:{kw.get('port', '?')}"
 
 
-def probe(cfg: RedisSettings, url: str) -> None:
-    """One PING and version check without reconnect retries; raises RedisUnavailable at once."""
+def _no_primary(client: redis.Redis) -> str:
+    """Why a Sentinel client found no primary, in one line (redis-py's message holds whole client reprs)."""
+    pool = client.connection_pool
+    addresses = [f"{s.connection_pool.connection_kwargs.get('host')}:{s.connection_pool.connection_kwargs.get('port')}"
+                 for s in pool.sentinel_manager.sentinels]
+    return f"no sentinel of {', '.join(addresses)} names a reachable primary {pool.service_name!r}"
+
+
+def probe(cfg: RedisSettings, url: str | None) -> None:
+    """One PING and version check without reconnect retries (``url`` None: through the sentinels);
+    raises RedisUnavailable at once."""
     client = connect(cfg.model_copy(update={"retry_attempts": 0}), url)
     try:
         check(client, cfg.min_server_version)
@@ -142,6 +277,8 @@ def check(client: redis.Redis, min_version: str = "6.2.0") -> dict[str, Any]:
         raise RedisUnavailable(f"authentication failed: {exc}") from None
     except redis.ResponseError as exc:
         raise RedisUnavailable(f"server refused the command: {exc}") from None
+    except MasterNotFoundError:
+        raise RedisUnreachable(f"cannot reach Redis: {_no_primary(client)}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnreachable(f"cannot reach Redis at {server_address(client)}: {exc}") from None
     version = str(info.get("redis_version", "0"))
@@ -313,6 +450,17 @@ class RedisHandle:
 
     @property
     def url(self) -> str:
+        """Where the roles connect, as shown to people (a sentinel set-up as ``redis+sentinel://``)."""
+        if self.cfg.sentinel is not None:
+            return sentinel_url(self.cfg)
+        return self._server_url()
+
+    @property
+    def child_url(self) -> str | None:
+        """The URL roles started from here get; None: they ask the same sentinels."""
+        return None if self.cfg.sentinel is not None else self._server_url()
+
+    def _server_url(self) -> str:
         if self.embedded is not None:
             return self.embedded.url
         if self.shared_url is not None:
@@ -321,7 +469,7 @@ class RedisHandle:
         return self.cfg.url.get_secret_value()
 
     def __enter__(self) -> "RedisHandle":
-        if self.cfg.url is None:
+        if self.cfg.url is None and self.cfg.sentinel is None:
             server = EmbeddedRedis(self.cfg.data_dir, appendonly=self.cfg.embedded_appendonly)
             if server.answers():
                 self.shared_url = server.url  # `fallwatch redis` or `fallwatch up` already runs it
@@ -336,7 +484,7 @@ class RedisHandle:
         backoff, said = self.cfg.retry_base_s, False
         while True:
             try:
-                return probe(self.cfg, self.url)
+                return probe(self.cfg, self.child_url)
             except RedisUnreachable as exc:
                 if self.stop is None:
                     raise
@@ -352,7 +500,7 @@ class RedisHandle:
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
-            self._client = connect(self.cfg, self.url)
+            self._client = connect(self.cfg, self.child_url)
         return self._client
 
     def __exit__(self, *exc: object) -> None:

@@ -15,6 +15,7 @@ import redis
 import structlog
 
 from fallwatch.logging import redact_text
+from fallwatch.metrics import process_metrics
 from fallwatch.runtime import Heartbeat
 from fallwatch.settings import RedisSettings, Settings
 from fallwatch.streams import Backoff
@@ -34,6 +35,7 @@ class RoleLoop:
     settings: Settings
     name: str
     beat: Heartbeat | None = None
+    _oom: bool = False
 
     def run_once(self) -> Any:
         """One step of work (blocking at most about a second); :class:`LoopDone` ends the loop."""
@@ -81,11 +83,19 @@ class RoleLoop:
                 self.heartbeat()
                 self.run_once()
                 backoff.reset()
+                self._out_of_memory(False)
             except LoopDone:
                 return
             except self.outage_errors as exc:
                 delay = backoff.next()
                 log.warning("redis_unavailable", role=self.log_name, worker=self.name,
                             error=redact_text(str(exc)), retry_in_s=delay)
+                self._out_of_memory(isinstance(exc, redis.exceptions.OutOfMemoryError))
                 self.on_outage(exc)
                 stop.wait(delay)
+
+    def _out_of_memory(self, refused: bool) -> None:
+        """The ``redis_out_of_memory`` gauge: 1 while Redis refuses this role's writes (maxmemory reached)."""
+        if refused != self._oom:
+            self._oom = refused
+            process_metrics().redis_out_of_memory.set(int(refused))

@@ -359,6 +359,12 @@ class Delivery(Message):
             return f"{self.event_id}:{self.step}"
         return self.event_id if self.tier <= 1 else f"{self.event_id}:tier{self.tier}"
 
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every attempt of this notification on this channel (event id, tier or step,
+        channel): webhook receivers drop a repeat by it."""
+        return f"{self.marker_id}:{self.channel}"
+
 
 MESSAGE_TYPES[Delivery.type_name] = Delivery
 

@@ -43,6 +43,33 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class SentinelSettings(Section):
+    """Redis Sentinel: the roles ask the sentinels where the primary is and follow it on failover."""
+
+    addresses: list[str] = Field(
+        ..., min_length=1, max_length=16,
+        description="Sentinels as host:port (three or more on separate machines for a real quorum).")
+    master_name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="The monitored primary's name (sentinel.conf `sentinel monitor NAME`).")
+    db: int = Field(0, ge=0, le=15, description="Database number on the primary.")
+    tls: bool = Field(False, description="TLS to the sentinels and the primary (redis.ssl_* files apply to both).")
+    username: str | None = Field(None, description="ACL user of the sentinels themselves (redis.username is "
+                                                   "the primary's).")
+    password: SecretStr | None = Field(None, description="Password of the sentinels themselves. Secret.")
+
+    @field_validator("addresses")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port (port 1-65535)")
+        return value
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in self.addresses]
+
+
 class RedisSettings(Section):
     url: SecretStr | None = Field(
         None,
@@ -68,6 +95,22 @@ class RedisSettings(Section):
     retry_attempts: int = Field(8, ge=0, le=1000, description="Reconnect attempts per command.")
     min_server_version: str = Field("6.2.0", pattern=r"^\d+\.\d+(\.\d+)?$",
                                     description="Oldest Redis server accepted (XAUTOCLAIM needs 6.2).")
+    sentinel: SentinelSettings | None = Field(
+        None, description="Connect through Redis Sentinel instead of redis.url (every role and the RQ queue).")
+    wait_replicas: int = Field(
+        -1, ge=-1, le=5,
+        description="Writes that must survive a failover (alert events, the notification outbox, "
+                    "acknowledgements) WAIT for this many replicas: -1 = 1 when the primary has a replica "
+                    "(INFO replication, checked every 10 s), 0 = never.")
+    wait_timeout_ms: int = Field(1000, ge=1, le=60_000,
+                                 description="Longest WAIT for a replica; past it the write's caller fails once "
+                                             "and retries (the write itself stands on the primary).")
+
+    @model_validator(mode="after")
+    def _one_server(self) -> "RedisSettings":
+        if self.url is not None and self.sentinel is not None:
+            raise ValueError("set redis.url or redis.sentinel, not both")
+        return self
 
 
 class ClipSettings(Section):

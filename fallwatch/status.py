@@ -36,6 +36,10 @@ class RedisInfo(Record):
     version: str
     used_memory_bytes: int
     connected_clients: int
+    maxmemory_bytes: int = Field(0, description="Redis maxmemory (0: no limit).")
+    maxmemory_policy: str = ""
+    out_of_memory: bool = Field(False, description="maxmemory reached under noeviction: Redis refuses writes "
+                                                   "that add data (ingest drops frames, other writes are retried).")
 
 
 class CameraRow(Record):
@@ -50,6 +54,7 @@ class CameraRow(Record):
     last_frame_at: float | None = None
     last_frame_age_s: float | None = None
     reason: str = ""
+    dropped_oom: int = Field(0, description="Frames ingest dropped because Redis was out of memory (total).")
 
 
 class GroupRow(Record):
@@ -171,8 +176,21 @@ def _float(value: bytes | str | None) -> float | None:
 
 def redis_info(client: redis.Redis) -> RedisInfo:
     server, memory, clients = client.info("server"), client.info("memory"), client.info("clients")
-    return RedisInfo(version=str(server.get("redis_version", "?")), used_memory_bytes=int(memory.get("used_memory", 0)),
-                     connected_clients=int(clients.get("connected_clients", 0)))
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    policy = str(memory.get("maxmemory_policy", ""))
+    counted = used - int(memory.get("mem_not_counted_for_evict", 0))  # what Redis compares with maxmemory
+    return RedisInfo(version=str(server.get("redis_version", "?")), used_memory_bytes=used,
+                     connected_clients=int(clients.get("connected_clients", 0)), maxmemory_bytes=limit,
+                     maxmemory_policy=policy, out_of_memory=bool(limit) and policy == "noeviction" and counted >= limit)
+
+
+def memory_problem(info: RedisInfo, cameras: list["CameraRow"]) -> list[str]:
+    """The line ``fallwatch status`` shows while Redis is out of memory."""
+    if not info.out_of_memory:
+        return []
+    return [f"Redis out of memory: {info.used_memory_bytes / 2**20:.1f} MiB used of maxmemory "
+            f"{info.maxmemory_bytes / 2**20:.1f} MiB (noeviction): ingest drops new frames "
+            f"({sum(c.dropped_oom for c in cameras)} counted so far), other writes are retried"]
 
 
 def camera_ids(client: redis.Redis, keys: Keys, settings: Settings) -> list[str]:
@@ -203,6 +221,7 @@ def camera_row(client: redis.Redis, keys: Keys, settings: Settings, camera_id: s
         id=camera_id, name=info.name or (cam.display_name if cam else camera_id), configured=cam is not None,
         state=state, online=state == "online" and not stale, stale=stale, fps=info.fps,
         sample_fps=info.sample_fps, last_frame_at=last, last_frame_age_s=age, reason=info.reason,
+        dropped_oom=int(client.get(keys.camera_counter(camera_id, "oom")) or 0),
     )
 
 
@@ -317,11 +336,12 @@ def gather(client: redis.Redis, settings: Settings, events: int = DEFAULT_EVENTS
     """A read-only snapshot of cameras, streams, queue, workers, recent events and offload rate."""
     keys = Keys(settings.redis.key_prefix)
     now = time.time() if now is None else now
-    problems: list[str] = broken_channels(client, keys)
+    info = redis_info(client)
+    cameras = [camera_row(client, keys, settings, cid, now) for cid in camera_ids(client, keys, settings)]
+    problems: list[str] = memory_problem(info, cameras) + broken_channels(client, keys)
     workers = worker_rows(client, keys)
     return StatusSnapshot(
-        at=now, key_prefix=keys.prefix, redis=redis_info(client),
-        cameras=[camera_row(client, keys, settings, cid, now) for cid in camera_ids(client, keys, settings)],
+        at=now, key_prefix=keys.prefix, redis=info, cameras=cameras,
         streams=[stream_row(client, name, key) for name, key in stream_names(keys).items()],
         queue=queue_row(client, keys, settings), workers=workers,
         events=recent_events(client, keys, events, problems), scoring=scoring_row(client, keys),

@@ -136,10 +136,12 @@ class Supervisor:
             self.stop()
 
 
-def child_env(redis_url: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of role processes: the parent's, pointed at the supervisor's Redis."""
+def child_env(redis_url: str | None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of role processes: the parent's, pointed at the supervisor's Redis (None:
+    the settings' sentinels, which the children read themselves)."""
     env = dict(os.environ if base is None else base)
-    env["FALLWATCH_REDIS__URL"] = redis_url
+    if redis_url is not None:
+        env["FALLWATCH_REDIS__URL"] = redis_url
     env["FALLWATCH_METRICS__PORT"] = "0"  # several roles on one host: each takes a free port
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

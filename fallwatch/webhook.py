@@ -1,7 +1,8 @@
 """A small local JSON webhook receiver: the demo's stand-in for a caregiver's phone.
 
 apprise's ``json://127.0.0.1:PORT/path`` posts here. Received bodies are kept in memory and
-printed as they arrive (optionally).
+printed as they arrive (optionally), with the ``Idempotency-Key`` header of each (fallwatch's
+webhook deliveries carry one: the same for a repeat, see :meth:`WebhookReceiver.unique`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 class WebhookReceiver:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, on_message: Callable[[dict], None] | None = None):
         self.received: list[dict[str, Any]] = []
+        self.idempotency_keys: list[str | None] = []
         self._lock = threading.Lock()
         self._on_message = on_message
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -39,7 +41,7 @@ class WebhookReceiver:
                     message = json.loads(body or b"{}")
                 except json.JSONDecodeError:
                     message = {"raw": body.decode(errors="replace")}
-                receiver._record(message)
+                receiver._record(message, self.headers.get("Idempotency-Key"))
                 self.send_response(200)
                 self.end_headers()
 
@@ -48,15 +50,22 @@ class WebhookReceiver:
 
         return Handler
 
-    def _record(self, message: dict[str, Any]) -> None:
+    def _record(self, message: dict[str, Any], key: str | None = None) -> None:
         with self._lock:
             self.received.append(message)
+            self.idempotency_keys.append(key)
         if self._on_message is not None:
             self._on_message(message)
 
     def count(self) -> int:
         with self._lock:
             return len(self.received)
+
+    def unique(self) -> int:
+        """Deliveries counted once per idempotency key (what a receiver that drops repeats keeps)."""
+        with self._lock:
+            keyed = {k for k in self.idempotency_keys if k is not None}
+            return len(keyed) + self.idempotency_keys.count(None)
 
     def start(self) -> "WebhookReceiver":
         self._thread = threading.Thread(target=self._server.serve_forever, name="webhook", daemon=True)

@@ -2,7 +2,9 @@
 
 One pipelined round trip per item: XADD (``MAXLEN ~``), the camera's counters and its
 ``last_frame_at``. A Redis outage is waited out with capped backoff (the same item is retried);
-meanwhile the live buffer in front drops its oldest frames.
+meanwhile the live buffer in front drops its oldest frames. A Redis that refuses writes (out of
+memory: ``maxmemory`` under ``noeviction``) is not waited for: the item is dropped and counted
+here, and the count reaches ``ingest:<id>:oom`` with the first write Redis takes again.
 
 The stream is kept near ``stream_maxlen`` by :data:`ADD_AND_TRIM`, one Lua call that adds the
 entry and, once the stream is a chunk over, trims the oldest entries exactly, counting those the
@@ -38,6 +40,7 @@ class PublishStats:
     frames: int = 0  # images inside them
     gated: int = 0  # sampled frames/clips skipped as still (motion gating)
     dropped: int = 0  # frames dropped by a full live buffer
+    oom: int = 0  # frames dropped because Redis refused writes (out of memory)
     trimmed: int = 0  # items trimmed from the stream by MAXLEN before the edge group read them
 
 
@@ -151,7 +154,10 @@ class Publisher:
 
     def publish(self, parts: list[FrameRecord]) -> bool:
         """Encode and XADD one item, retrying through Redis outages until done or stopped."""
-        msg, images = self.build(parts)
+        try:
+            msg, images = self.build(parts)  # frame numbers come from Redis (a block at a time)
+        except redis.exceptions.OutOfMemoryError as exc:
+            return self._refused(len(parts), exc)
         fields = encode(msg, images)
         backoff = Backoff.redis(self.retry)
         while not self.stop.is_set():
@@ -160,6 +166,8 @@ class Publisher:
                     self._wait_for_consumers()
                 self._write(msg, fields)
                 return True
+            except redis.exceptions.OutOfMemoryError as exc:
+                return self._refused(msg.n_images, exc)
             except redis.RedisError as exc:
                 delay = backoff.next()
                 log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc), retry_s=delay)
@@ -175,13 +183,16 @@ class Publisher:
                   *(x for pair in fields.items() for x in pair))
         pipe.incrby(self.keys.camera_counter(cam, "items"), 1)
         pipe.incrby(self.keys.camera_counter(cam, "frames"), msg.n_images)
-        for field in ("gated", "dropped"):
+        for field in ("gated", "dropped", "oom"):
             if getattr(self._unsaved, field):
                 pipe.incrby(self.keys.camera_counter(cam, field), getattr(self._unsaved, field))
         pipe.hset(self.keys.camera_info(self.camera_id),
                   mapping=CameraInfo(last_frame_at=msg.captured_at, last_frame_id=msg.frame_id).to_hash())
-        added = pipe.execute()[0]
+        added = self._added(pipe.execute(raise_on_error=False))
         entry_id = added[0]
+        if self._unsaved.oom:
+            log.info("redis_memory_available", camera=cam, dropped_oom=self._unsaved.oom)
+            self.metrics.memory_ok()
         self.metrics.ingested(self.camera_id, msg.n_images)
         self.metrics.dropped(self.camera_id, self._unsaved.dropped)
         self.metrics.motion_skipped(self.camera_id, self._unsaved.gated)
@@ -192,6 +203,26 @@ class Publisher:
             self._recent.append(id_tuple(entry_id))
         if len(added) > 1:
             self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(text, added[1:])])
+
+    def _added(self, replies: list) -> list:
+        """The add-and-trim reply; raises its error. A counter a nearly full Redis refused after the
+        entry went in is only logged: raising would count (or add) the frame twice."""
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        failed = [r for r in replies[1:] if isinstance(r, Exception)]
+        if failed:
+            log.warning("ingest_counters_not_saved", camera=self.camera_id, error=str(failed[0]))
+        return replies[0]
+
+    def _refused(self, frames: int, exc: redis.RedisError) -> bool:
+        """Redis is out of memory: drop the item (live data), count its frames, say so once."""
+        if not self._unsaved.oom:
+            log.warning("redis_out_of_memory", camera=self.camera_id, error=str(exc),
+                        hint="frames are dropped and counted until Redis has memory again")
+        self._unsaved.oom += frames
+        self.stats.oom += frames
+        self.metrics.dropped_oom(self.camera_id, frames)
+        return False
 
     def _count_trimmed(self, cameras: list[str]) -> None:
         """Per-camera counters of entries trimmed unread (the total is already counted, atomically)."""

@@ -52,11 +52,14 @@ BASE_ENV = {
 }
 
 
-def role_env(redis_url: str, **settings: object) -> dict[str, str]:
-    """This process's environment without any FALLWATCH_ variable, plus BASE_ENV, the Redis URL and
-    ``settings`` given as ``section__field=value`` (``edge__claim_idle_ms=1000``)."""
+def role_env(redis_url: str | None, **settings: object) -> dict[str, str]:
+    """This process's environment without any FALLWATCH_ variable, plus BASE_ENV, the Redis URL (None:
+    none, e.g. with ``redis__sentinel__...`` settings) and ``settings`` given as ``section__field=value``
+    (``edge__claim_idle_ms=1000``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
-    env.update(BASE_ENV, PYTHONUNBUFFERED="1", FALLWATCH_REDIS__URL=redis_url)
+    env.update(BASE_ENV, PYTHONUNBUFFERED="1")
+    if redis_url is not None:
+        env["FALLWATCH_REDIS__URL"] = redis_url
     for name, value in settings.items():
         env[f"FALLWATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
     return env
@@ -120,7 +123,7 @@ class Role:
 class Roles:
     """The roles of one test. Use as a context manager: whatever is still running at the end is stopped."""
 
-    def __init__(self, redis_url: str, log_dir: Path, extra_env: dict[str, str] | None = None,
+    def __init__(self, redis_url: str | None, log_dir: Path, extra_env: dict[str, str] | None = None,
                  prefix: tuple[str, ...] = (), **settings: object):
         self.redis_url, self.log_dir, self.settings = redis_url, Path(log_dir), settings
         self.extra_env, self.prefix = extra_env or {}, prefix
@@ -172,6 +175,20 @@ def wait_up(client: redis.Redis, keys: Keys, roles: Roles, *workers: tuple[str, 
     for role, name in workers:
         if not wait_for(lambda: client.exists(keys.heartbeat(role, name)), timeout, 0.1):
             raise AssertionError(f"no heartbeat from {role} {name} within {timeout}s\n{roles.logs()}")
+
+
+def beat_again(client: redis.Redis, keys: Keys, roles: Roles, *workers: tuple[str, str], timeout: float = 30.0) -> None:
+    """Delete the heartbeats of every (role, name) and wait for new ones: each is back at work."""
+    for role, name in workers:
+        client.delete(keys.heartbeat(role, name))
+    wait_up(client, keys, roles, *workers, timeout=timeout)
+
+
+def wait_new_final(client: redis.Redis, keys: Keys, roles: Roles, since_wall: float, timeout: float = 60.0) -> float:
+    """Wait for a final verdict decided after ``since_wall`` (wall clock); the monotonic time it was seen."""
+    if not wait_for(lambda: any(v.decided_at > since_wall for v in finals(client, keys)), timeout):
+        raise AssertionError(f"no final verdict within {timeout}s\n{roles.logs()}")
+    return time.monotonic()
 
 
 # --- Redis -----------------------------------------------------------------------------------------
@@ -275,12 +292,17 @@ def record(figures: FaultFigures) -> FaultFigures:
     return figures
 
 
+def _number(fault: str) -> tuple[int, str]:
+    head = fault.split(".", 1)[0]
+    return (int(head) if head.isdigit() else 10**6, fault)
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table of the latest figures per fault, in the order of their names."""
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["fault"]] = row
-    latest = dict(sorted(latest.items(), key=lambda kv: kv[0]))  # faults are named "1. ...", "2. ...", ...
+    latest = dict(sorted(latest.items(), key=lambda kv: _number(kv[0])))  # faults are named "1. ...", "2. ..."
     head = ("| fault | unit | in | out | lost | duplicates | deduplicated | dead-lettered | dropped by design "
             "| time to recover | notes |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]

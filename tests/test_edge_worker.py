@@ -152,3 +152,17 @@ def test_pending_entries_of_a_dead_consumer_are_claimed(settings: Settings, r, k
     assert res.claimed == 5
     assert sorted(v.frame_id for v in verdicts(r, keys)) == sorted(ids)
     assert r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0
+
+
+def test_after_an_outage_the_worker_scores_what_it_had_read_first(settings: Settings, r, keys, tiny_edge) -> None:
+    ids = push_frames(r, keys, 3)                    # claim_idle_ms stays at its default (30 s)
+    worker = EdgeWorker(settings, r, keys, tiny_edge, name="w1")
+    worker.ensure_group()
+    assert len(worker.read(block_ms=0)) == 3        # read; then writing the outputs failed
+    worker.on_outage(redis.ConnectionError("failover"))
+    push_frames(r, keys, 2, camera="cam2")
+    res = worker.step(block_ms=0)
+    assert res.claimed == 3
+    assert sorted(v.frame_id for v in verdicts(r, keys)) == sorted(ids)
+    drain(worker)
+    assert r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0 and len(verdicts(r, keys)) == 5

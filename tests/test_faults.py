@@ -28,8 +28,9 @@ from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import CameraState, CameraStatus, Decider, EventKind, EventType, FrameMessage, encode
 from fallwatch.webhook import WebhookReceiver
-from tests.faults import (FaultFigures, Roles, StallingCamera, Tally, Tripwire, dead_letters, events, finals,
-                          frame_ids_in, mpegts_clip, private_redis, record, restart, upstream_repeats, wait_up)
+from tests.faults import (FaultFigures, Roles, StallingCamera, Tally, Tripwire, beat_again, dead_letters, events,
+                          finals, frame_ids_in, mpegts_clip, private_redis, record, restart, upstream_repeats,
+                          wait_new_final, wait_up)
 from tests.frames import frame_entry, jpeg, push_frames
 from tests.ingest_media import write_mp4, write_yolo
 from tests.test_edge_worker import _bomb
@@ -218,12 +219,8 @@ def test_redis_killed_and_restarted_mid_stream(server, client, tmp_path) -> None
             restarted, restarted_wall = time.monotonic(), time.time()
             kept_finals = {v.frame_id for v in finals(client, KEYS)}
             kept_events = event_keys(client)
-            assert wait_for(lambda: any(v.decided_at > restarted_wall for v in finals(client, KEYS)), 60), roles.logs()
-            recover_s = time.monotonic() - restarted
-            beats = [("edge", "edge-1"), ("cloud", "cloud-1"), ("alerts", "alerts-1")]
-            for role, name in beats:
-                client.delete(KEYS.heartbeat(role, name))
-            wait_up(client, KEYS, roles, *beats, timeout=30)
+            recover_s = wait_new_final(client, KEYS, roles, restarted_wall) - restarted
+            beat_again(client, KEYS, roles, ("edge", "edge-1"), ("cloud", "cloud-1"), ("alerts", "alerts-1"))
             n_after = client.xlen(KEYS.frames_stream())
             assert wait_for(lambda: client.xlen(KEYS.frames_stream()) >= n_after + 8, 60), roles.logs()
             assert roles["replay"].stop() == 0, roles.logs()

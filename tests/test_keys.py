@@ -47,6 +47,8 @@ def test_typed_counters_keep_the_counter_formats() -> None:
     assert k.camera_counter("cam1", "seq") == "fw:count:ingest:cam1:seq"
     assert k.frames_trimmed_unread() == "fw:count:frames_trimmed_unread"
     assert k.frames_trimmed_pending() == "fw:count:frames_trimmed_pending"
+    assert k.camera_counter("cam1", "oom") == "fw:count:ingest:cam1:oom"
+    assert k.replica_barrier() == "fw:replica:barrier"
 
 
 def test_keys_parse_back_into_their_parts() -> None:

@@ -247,3 +247,35 @@ def test_message_texts_name_the_configured_models(settings) -> None:
     assert "cloud model (qwen-vl)" in compose(fall, swapped)[1]
     edge = fall.model_copy(update={"decided_by": Decider.EDGE})
     assert "edge model (siglip-fall)" in compose(edge, swapped)[1]
+
+
+class CrashBeforeMarker:
+    """A client whose first SET (the delivered marker) fails as a crash right after sending would."""
+
+    def __init__(self, client: redis.Redis):
+        self._client, self.crashed = client, False
+
+    def set(self, *args, **kwargs):
+        if not self.crashed:
+            self.crashed = True
+            raise redis.ConnectionError("crashed between sending and the delivered marker")
+        return self._client.set(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_repeat_after_a_crash_before_the_marker_carries_the_same_idempotency_key(redis_url, r, keys, hook) -> None:
+    settings = make_settings(redis_url, [f"json://127.0.0.1:{hook.port}/hook"])
+    event = start_fall_event(settings, r, keys)
+    first = Notifier(settings, r, keys, "n1")
+    first.client = CrashBeforeMarker(r)
+    with pytest.raises(redis.ConnectionError):
+        first.step()
+    rep, _waited = next_attempt(Notifier(settings, r, keys, "n2"))  # takes the entry over, sends again
+    assert rep.delivered == 1 and len(hook.received) == 2
+    channel = channel_id(f"json://127.0.0.1:{hook.port}/hook")
+    key = f"{event.event_id}:{channel}"
+    assert hook.idempotency_keys == [key, key]
+    assert [m["idempotency_key"] for m in hook.received] == [key, key]
+    assert hook.unique() == 1

@@ -166,3 +166,88 @@ def test_a_wrong_password_is_refused_at_once_not_retried(short_dir: Path) -> Non
         with pytest.raises(RedisUnavailable, match="authentication failed"):
             check(client)
         assert time.monotonic() - started < 4.0  # eight retries with this backoff would take over 13 s
+
+
+def test_sentinel_settings_are_shown_without_secrets_and_children_ask_the_sentinels() -> None:
+    from fallwatch.redis import sentinel_url
+
+    cfg = RedisSettings(sentinel={"addresses": ["10.0.0.1:26379", "10.0.0.2:26379"], "master_name": "fw",
+                                  "tls": True, "password": "pw-123"}, password="pw-456")
+    assert sentinel_url(cfg) == "rediss+sentinel://10.0.0.1:26379,10.0.0.2:26379/fw/0"
+    handle = RedisHandle(cfg)
+    assert handle.url == sentinel_url(cfg) and handle.child_url is None
+
+
+class FakeWaitClient:
+    """INFO replication and a pipeline that records INCR + WAIT."""
+
+    def __init__(self, replicas: int, acked: int):
+        self.replicas, self.acked, self.sent, self.infos = replicas, acked, [], 0
+
+    def info(self, section: str) -> dict:
+        self.infos += 1
+        return {"role": "master", "connected_slaves": self.replicas}
+
+    def pipeline(self, transaction: bool = True):
+        client = self
+
+        class Pipe:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def incr(self, key):
+                client.sent.append(("INCR", key))
+
+            def wait(self, n, ms):
+                client.sent.append(("WAIT", n, ms))
+
+            def execute(self):
+                return [1, client.acked]
+
+        return Pipe()
+
+
+def test_replica_wait_only_with_a_replica_and_on_the_connection_of_a_write_of_its_own() -> None:
+    from fallwatch.redis import ReplicaNotConfirmed, ReplicaWait
+
+    clock = [0.0]
+    none = FakeWaitClient(replicas=0, acked=0)
+    wait = ReplicaWait(timeout_ms=250, clock=lambda: clock[0])
+    assert wait(none, "fw:replica:barrier") is None and none.sent == []
+    one = FakeWaitClient(replicas=2, acked=1)
+    wait = ReplicaWait(timeout_ms=250, clock=lambda: clock[0])
+    assert wait(one, "fw:replica:barrier") == 1
+    assert one.sent == [("INCR", "fw:replica:barrier"), ("WAIT", 1, 250)]
+    wait(one, "fw:replica:barrier")
+    assert one.infos == 1                        # INFO replication is cached ...
+    clock[0] = 11.0
+    wait(one, "fw:replica:barrier")
+    assert one.infos == 2                        # ... for 10 s
+    gone = FakeWaitClient(replicas=1, acked=0)   # the replica does not answer: the caller retries ...
+    wait = ReplicaWait(clock=lambda: clock[0])
+    with pytest.raises(ReplicaNotConfirmed):
+        wait(gone, "k")
+    gone.replicas = 0                            # ... and INFO is asked again: no replica, no wait
+    assert wait(gone, "k") is None and gone.infos == 2
+    assert ReplicaWait(replicas=0)(one, "k") is None
+    shrank = FakeWaitClient(replicas=1, acked=1)  # a look-up finds fewer replicas than the last: not confirmed
+    wait = ReplicaWait(clock=lambda: clock[0])
+    assert wait(shrank, "k") == 1
+    shrank.replicas, clock[0] = 0, 30.0
+    with pytest.raises(ReplicaNotConfirmed):
+        wait(shrank, "k")
+    assert wait(shrank, "k") is None
+
+
+def test_health_names_the_sentinels_when_none_knows_the_primary() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
+    env["FALLWATCH_REDIS__SENTINEL__ADDRESSES"] = f'["127.0.0.1:{free_port()}"]'
+    env["FALLWATCH_REDIS__SENTINEL__MASTER_NAME"] = "fw"
+    res = subprocess.run([sys.executable, "-m", "fallwatch", "health"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert "no sentinel of 127.0.0.1:" in line and "names a reachable primary 'fw'" in line

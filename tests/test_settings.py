@@ -143,3 +143,28 @@ def test_cli_show_redacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     shown = json.loads(res.output)
     assert shown["redis"]["url"] == "**********"
     assert shown["ingest"]["fps"] == Settings().ingest.fps
+
+
+@pytest.mark.parametrize(("sentinel", "url", "says"), [
+    ({"addresses": ["127.0.0.1:99999"], "master_name": "fw"}, None, "redis.sentinel.addresses: Value error, "
+     "'127.0.0.1:99999' is not host:port (port 1-65535)"),
+    ({"addresses": ["no-port"], "master_name": "fw"}, None, "'no-port' is not host:port"),
+    ({"addresses": ["h:26379"], "master_name": "bad name"}, None, "redis.sentinel.master_name: String should match"),
+    ({"addresses": ["h:26379"], "master_name": "fw"}, "redis://h:6379/0",
+     "redis: Value error, set redis.url or redis.sentinel, not both"),
+])
+def test_cli_validate_rejects_bad_sentinel_settings_in_one_line(tmp_path: Path, sentinel, url, says) -> None:
+    bad = write_yaml(tmp_path / "bad.yaml", {"redis": {"sentinel": sentinel, **({"url": url} if url else {})}})
+    res = runner.invoke(app, ["config", "validate", str(bad)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    [line] = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert says in line
+
+
+def test_sentinel_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALLWATCH_REDIS__SENTINEL__ADDRESSES", '["10.0.0.1:26379", "sentinel-b:26380"]')
+    monkeypatch.setenv("FALLWATCH_REDIS__SENTINEL__MASTER_NAME", "fallwatch")
+    monkeypatch.setenv("FALLWATCH_REDIS__SENTINEL__PASSWORD", "s3ntinel-pw")
+    s = load_settings().redis.sentinel
+    assert s is not None and s.pairs() == [("10.0.0.1", 26379), ("sentinel-b", 26380)]
+    assert s.password is not None and "s3ntinel-pw" not in repr(s)

@@ -187,3 +187,14 @@ def test_lag_on_redis_7(settings):
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_out_of_memory_is_a_problem_line_with_the_frames_dropped():
+    from fallwatch.status import CameraRow, RedisInfo, memory_problem
+
+    cam = CameraRow(id="hall", name="Hall", configured=True, state="online", online=True, stale=False, dropped_oom=7)
+    full = RedisInfo(version="7.0", used_memory_bytes=16 * 2**20, connected_clients=3, maxmemory_bytes=16 * 2**20,
+                     maxmemory_policy="noeviction", out_of_memory=True)
+    [line] = memory_problem(full, [cam])
+    assert line.startswith("Redis out of memory: 16.0 MiB used of maxmemory 16.0 MiB") and "(7 counted so far)" in line
+    assert memory_problem(full.model_copy(update={"out_of_memory": False}), [cam]) == []
