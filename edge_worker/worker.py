@@ -17,6 +17,7 @@ import numpy as np
 import redis
 import structlog
 
+from edge_worker import trimmed
 from edge_worker.audit import LiveDmd
 from edge_worker.budget import Router
 from edge_worker.decode import DecodedFrame, decode_entry
@@ -109,21 +110,16 @@ class EdgeWorker(RoleLoop):
 
     def claim(self) -> list[tuple[str, dict]]:
         """Entries left pending by dead consumers for longer than claim_idle_ms."""
-        resp = self.client.xautoclaim(self.keys.frames_stream(), self.keys.edge_group(), self.name,
-                                      min_idle_time=self.cfg.claim_idle_ms, start_id="0-0", count=self.cfg.batch_size)
-        entries = resp[1]
-        deleted = list(resp[2]) if len(resp) > 2 else []
-        if any(fields is None for _eid, fields in entries):  # Redis < 7 claims trimmed entries as nil
-            live = {text(eid) for eid, fields in entries if fields}  # claimed with their data: scored below,
-            deleted += [d for d in self._trimmed_own_pending() if text(d) not in live]  # even if trimmed since
-        self._drop_trimmed(deleted)
-        return [(text(eid), fields) for eid, fields in entries if fields]
+        resp = trimmed.claim(self.client, self.keys, self.name, self.cfg.claim_idle_ms, self.cfg.batch_size)
+        entries = [(text(e[0]), _fields(e[1])) for e in resp[1] or [] if e and e[1]]
+        if len(entries) < len(resp[1] or []):  # Redis < 7 claims trimmed entries as nil
+            live = {eid for eid, _fields in entries}  # claimed with their data: scored below, even if trimmed since
+            self._drop_trimmed([d for d in self._trimmed_own_pending() if text(d) not in live])
+        return entries
 
     def _drop_trimmed(self, deleted: list) -> None:
         """Acknowledge and count entries trimmed by MAXLEN while pending: nothing left to score."""
-        if deleted:
-            self.client.xack(self.keys.frames_stream(), self.keys.edge_group(), *deleted)
-            self.client.incrby(self.keys.frames_trimmed_pending(), len(deleted))
+        trimmed.drop(self.client, self.keys, deleted)
 
     def own_pending(self) -> list[tuple[str, dict]]:
         """After an outage: the entries this worker read but whose outputs never got written (a
@@ -269,7 +265,8 @@ class EdgeWorker(RoleLoop):
         if offloads:
             self.enqueue([self._offload_request(f, v, rank, cost) for f, v, rank, cost in offloads], pipe)
         pipe.xack(self.keys.frames_stream(), self.keys.edge_group(), *entry_ids)
-        pipe.execute()
+        if pipe.execute()[-1] < len(entry_ids):  # some were counted as trimmed meanwhile: delivered after all
+            trimmed.uncount(self.client, self.keys, entry_ids)
 
     def _offload_request(self, frame: DecodedFrame, verdict: EdgeVerdict, rank: int = 0,
                          cost_s: float = 0.0) -> OffloadRequest:
@@ -324,6 +321,11 @@ class EdgeWorker(RoleLoop):
             self.beat.clear()
         except redis.RedisError as exc:  # stopped during an outage: the heartbeat key expires by itself
             log.warning("heartbeat_not_cleared", worker=self.name, error=str(exc))
+
+
+def _fields(flat: list) -> dict:
+    """An entry's field/value list as a script returns it, as a dict."""
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def default_target(settings: Settings, switcher: AgreementModel | None) -> float | None:

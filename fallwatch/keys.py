@@ -267,6 +267,11 @@ class Keys:
         """Frames trimmed while delivered but unacknowledged (found by an edge worker's XAUTOCLAIM)."""
         return self.counter("frames_trimmed_pending")
 
+    def frames_trimmed_pending_ids(self) -> str:
+        """Set of the frame entries counted in :meth:`frames_trimmed_pending`, so that a slow worker that
+        still delivers one of them takes it back out of the count (expires a day after the last one)."""
+        return self._k("frames", "trimmed-pending")
+
     def replica_barrier(self) -> str:
         """Integer bumped right before a WAIT for replicas (the write the WAIT is measured from)."""
         return self._k("replica", "barrier")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import redis
 
 from edge_worker.model import EdgeModel
 from edge_worker.worker import EdgeWorker
 from fallwatch.keys import Keys
+from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import decode
 from fallwatch.settings import EdgeSettings, Settings
 from tests.frames import push_frames
@@ -89,3 +95,50 @@ def test_entries_claimed_with_their_data_are_scored_not_counted_as_trimmed(setti
         pytest.skip("Redis 7 reports deleted ids atomically")
     assert res.scored == len(delivered) > 0 and len(delivered) + trimmed == len(ids)
     assert r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0
+
+
+REDIS7 = Path("/usr/bin/redis-server")
+
+
+@pytest.fixture(params=["embedded", "redis 7"])
+def any_redis(request, settings: Settings, r: redis.Redis, tmp_path: Path) -> Iterator[tuple[Settings, redis.Redis]]:
+    """The embedded server (6.2: trimmed entries are claimed as nil), and Debian's 7 (reported deleted)."""
+    if request.param == "embedded":
+        yield settings, r
+        return
+    if not REDIS7.exists():
+        pytest.skip("needs Debian's redis-server 7 (scripts/install-test-deps.sh)")
+    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="fw-r7-")), appendonly=False, executable=str(REDIS7)).start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        yield Settings(redis={"url": server.url, "data_dir": str(tmp_path / "r7")}), client
+    finally:
+        client.close()
+        server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("holder_first", [False, True])
+def test_a_slow_holder_delivers_what_another_counted_as_trimmed_and_it_is_counted_once(
+        any_redis, keys: Keys, tiny_edge, holder_first: bool) -> None:
+    """A worker slower than claim_idle_ms still holds its frames in memory when overload trims them
+    and another worker's claim finds them gone: whichever writes first, each frame ends delivered or
+    dropped, never both."""
+    settings, r = any_redis
+    settings = offload_all(settings)
+    ids = push_frames(r, keys, 4)
+    slow = EdgeWorker(settings, r, keys, tiny_edge, name="slow")
+    slow.ensure_group()
+    held = slow.read(block_ms=0)
+    r.xtrim(keys.frames_stream(), maxlen=0)                  # overload trims what it holds
+    other = EdgeWorker(settings, r, keys, tiny_edge, name="other")
+    trimmed = lambda: int(r.get(keys.frames_trimmed_pending()) or 0)  # noqa: E731
+    if holder_first:
+        slow.process(held)
+    assert wait_for(lambda: other.claim() == [] and r.xpending(keys.frames_stream(), keys.edge_group())["pending"] == 0,
+                    10)
+    if not holder_first:
+        assert trimmed() == 4
+        slow.process(held)                                    # ... and delivers them after all
+    delivered = {decode(f)[0].frame_id for _, f in r.xrange(keys.verdicts_stream())}
+    assert delivered == set(ids) and trimmed() == 0
