@@ -5,6 +5,8 @@
 Sections (each also runs on its own, see its module):
 
 * ``edge`` (bench_edge): ViLT-B/32 bare and inside the EdgeWorker, the switcher's cost;
+* ``limits`` (bench_limits): GEMM speed on the edge's shapes, FLOPs per frame, the edge worker as a
+  fraction of that bound, and where the rest goes;
 * ``forward`` (bench_edge): the edge model's forward pass before and after its optimisation;
 * ``transport`` (bench_transport): 60 KB frames through Redis streams vs redis-benchmark;
 * ``ingest`` (bench_ingest): H.264 cameras per CPU core;
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
-SECTIONS = ("edge", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd", "budget")
+SECTIONS = ("edge", "limits", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd", "budget")
 
 
 class Suite:
@@ -58,6 +60,12 @@ class Suite:
         self.edge_mode, self.edge_batch = bench.mode, bench.batch
         self.latency_batch = bench_edge.latency_batch(bench.sweep, bench.mode)
         return bench_edge.figures(bench, self.machine)
+
+    def limits(self) -> list[Figure]:
+        import bench_limits
+
+        lim = bench_limits.run_limits(self.models(), self.edge_mode, self.edge_batch, self.work / "limits", self.args.quick)
+        return bench_limits.figures(lim, self.machine)
 
     def forward(self) -> list[Figure]:
         import bench_edge
@@ -140,7 +148,7 @@ def main() -> None:
     start = time.perf_counter()
     machine = Machine.here()
     names = [s for s in SECTIONS if s in args.only.split(",")]
-    if set(names) & {"edge", "forward", "e2e"}:
+    if set(names) & {"edge", "limits", "forward", "e2e", "upfall"}:
         full_vilt_dir(args.cache)  # built once, outside the timed sections
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         figures, seconds = run_sections(Suite(args, Path(tmp), machine), names)
