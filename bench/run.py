@@ -11,6 +11,8 @@ Sections (each also runs on its own, see its module):
 * ``transport`` (bench_transport): 60 KB frames through Redis streams vs redis-benchmark;
 * ``ingest`` (bench_ingest): H.264 cameras per CPU core;
 * ``e2e`` (bench_e2e): capture-to-verdict latency of 16 replayed cameras at 1 fps;
+* ``upfall`` (bench_upfall): cameras per box on UP-Fall footage, gating on and off, falls through the
+  gate, and the same with audits, live DMD store, budget, web and MQTT on;
 * ``cloud`` (bench_cloud): tiny LLaVA batch 8 vs 1, and the 7B paper estimate;
 * ``live_dmd`` (bench_live_dmd): drift noticed, switcher refreshed and hot-reloaded on a planted stream.
 * ``budget`` (bench_budget): the cloud budget at run time on real workers with planted scores.
@@ -33,9 +35,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench_upfall import DEFAULT_UPFALL
 from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
 
-SECTIONS = ("edge", "limits", "forward", "transport", "ingest", "e2e", "cloud", "live_dmd", "budget")
+SECTIONS = ("edge", "limits", "forward", "transport", "ingest", "e2e", "upfall", "cloud", "live_dmd", "budget")
 
 
 class Suite:
@@ -96,6 +99,14 @@ class Suite:
                                  step_down=0 if self.args.quick else 3, step_up=0 if self.args.quick else 2)
         return bench_e2e.figures(runs, self.machine)
 
+    def upfall(self) -> list[Figure]:
+        import bench_upfall
+
+        bench = bench_upfall.run_upfall(self.args.cache, self.work / "upfall", self.args.quick, self.edge_mode,
+                                        self.latency_batch, self.args.upfall, 16 if self.args.quick else 24,
+                                        8 if self.args.quick else 12)
+        return bench_upfall.figures(bench, self.machine)
+
     def cloud(self) -> list[Figure]:
         import bench_cloud
 
@@ -121,6 +132,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="everything in under a minute (fewer, shorter runs)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     ap.add_argument("--images", type=Path, help="folder of 640x640 .jpg frames for the e2e cameras (default: drawn)")
+    ap.add_argument("--upfall", type=Path, default=DEFAULT_UPFALL,
+                    help="folder of the UP-Fall clips for the upfall section (missing: its rows say so)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
     unknown = set(args.only.split(",")) - set(SECTIONS)
