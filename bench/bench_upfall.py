@@ -13,7 +13,7 @@ their own processes, every role on the same two cores.
 A run keeps up when every frame published in the window has its final verdict within a few
 seconds of the end, verdicts are decided at least 95% as fast as frames were published, the
 latency does not grow over the window, and the cameras kept their schedule. Trials step up by
-``STEP`` cameras while they keep up at p99 <= 1000 ms (step down when the first falls behind).
+``STEP`` cameras while they keep up at p99 <= 1000 ms (halving when the first falls behind).
 
 Two more cameras play the fall clips (Activity1 and Activity2) after a standing lead-in, with
 gating on: the share of fall frames that reached the edge (of all of them, and of those the gate
@@ -397,7 +397,7 @@ class UpfallBench:
 
 
 def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[UpfallRun]:
-    """``first``, then up by STEP cameras while kept up at p99 <= 1 s (down by STEP/2 while not)."""
+    """``first``, then up by STEP cameras while kept up at p99 <= 1 s (halved while not)."""
     from bench_e2e import discard_backlog
 
     runs = [trial(roles.client, roles.keys, roles.settings, shots, first, f"{tag}0")]
@@ -406,7 +406,7 @@ def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[Upfall
         ok = runs[-1].kept_up and (runs[-1].p99_ms or 1e9) <= 1000
         if ok != (runs[0].kept_up and (runs[0].p99_ms or 1e9) <= 1000):
             break
-        cameras = spec.cameras + STEP if ok else max(1, spec.cameras - STEP // 2)
+        cameras = spec.cameras + STEP if ok else max(1, spec.cameras // 2)
         if cameras == spec.cameras:
             break
         discard_backlog(roles.client, roles.keys)
