@@ -410,7 +410,7 @@ def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[Upfall
         if cameras == spec.cameras:
             break
         discard_backlog(roles.client, roles.keys)
-        spec = Trial(cameras, spec.gating, spec.warmup_s, spec.window_s)
+        spec = replace(spec, cameras=cameras)
         runs.append(trial(roles.client, roles.keys, roles.settings, shots, spec, f"{tag}{i + 1}"))
     return runs
 
@@ -463,7 +463,7 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
                 discard_backlog(r.client, r.keys)
                 pair.append(trial(r.client, r.keys, r.settings, shots, replace(spec, features=r.features), f"{tag}{i}"))
             pairs.append(tuple(pair))
-    falls = max(gated, key=lambda r: (r.kept_up, r.cameras))
+    falls = max((r for r in gated if r.falls is not None), key=lambda r: (r.kept_up, r.cameras), default=None)
     return UpfallBench(tuple(gated), tuple(ungated), falls, tuple(pairs))
 
 
@@ -478,7 +478,7 @@ def figures(bench: UpfallBench, machine: Machine) -> list:
                            f">= {target} at p99 <= 1000 ms" if target else "",
                            (lambda v: v >= 32) if target else None,
                            p99_ms=best.p99_ms if best else None, runs=[asdict(r) for r in runs]))
-    falls = bench.falls.falls if bench.falls else {}
+    falls = (bench.falls.falls if bench.falls else None) or {}
     changed = [v["share_changed_reached"] for v in falls.values() if v["share_changed_reached"] is not None]
     rows.append(figure("upfall.fall_changed_frames_reaching_edge", min(changed) if changed else None, "share",
                        machine, "1.0 (every frame that changes)", lambda v: v >= 1.0, per_clip=falls,
