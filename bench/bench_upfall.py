@@ -330,7 +330,8 @@ class Roles:
 
         for proc in getattr(self, "procs", {}).values():
             stop_role(proc)
-        self.client.close()
+        if hasattr(self, "client"):
+            self.client.close()
         self.server.__exit__(None, None, None)
 
 
