@@ -268,43 +268,65 @@ def load_models(cache: Path, modes: Sequence[str] = tuple(MODES)) -> dict:
 
 
 def run_edge(cache: Path, work: Path, quick: bool, profile: bool = False, models: dict | None = None) -> EdgeBench:
-    from fallwatch.keys import Keys
-    from fallwatch.redis import EmbeddedRedis
-    from fallwatch.settings import Settings
-    from switcher.model import Switcher
-
     plan = Plan.for_run(quick)
-    model_dir = full_vilt_dir(cache)
-    jpegs = scene_jpegs(16)
-    images = decoded(jpegs)
+    images = decoded(scene_jpegs(16))
     models = models or load_models(cache)
     sweep_runs = sweep(models, images, plan.batches, plan.sweep_frames, plan.sweep_rounds)
     top = best(sweep_runs)
     model = models[top.mode]
-    ckpt = switcher_checkpoint(work / "switcher", model.model_id, model.questions, model.feature_dim)
-    switcher = Switcher.load(ckpt, model.model_id, model.questions)
-    threshold = calibrated_threshold(switcher, model, images[:8])
     features = model.score([images[i % len(images)] for i in range(top.batch)]).features
-    with EmbeddedRedis(work / "redis", appendonly=False) as server:
-        import redis
-
-        settings = Settings(redis={"url": server.url}, edge=edge_settings(model_dir, top.mode, top.batch, block_ms=50),
-                            switcher={"checkpoint": str(ckpt), "threshold": threshold}, cloud={"batch_size": 8})
-        client = redis.Redis.from_url(server.url)
+    with worker_bench(work, model, top.mode, top.batch, plan.worker_frames) as bench:
         bare, workers, text = [], [], ""
-        for i in tqdm(range(plan.pairs), desc="bare/worker pairs", leave=False):
+        for _ in tqdm(range(plan.pairs), desc="bare/worker pairs", leave=False):
             bare.append(round(bare_rate(model, images, top.batch, plan.worker_frames, warm_up=False), 2))
-            keys = Keys(f"bench{i}")
-            workers.append(worker_run(settings, client, keys, model, switcher, jpegs, plan.worker_frames))
-            client.flushdb()
+            workers.append(bench.run())
         if profile:
-            text = profile_worker(lambda: worker_run(settings, client, Keys("benchprof"), model, switcher, jpegs,
-                                                     plan.worker_frames))
-        client.close()
+            text = profile_worker(bench.run)
     ratio = median_ratio([w.frames_per_s for w in workers], bare)
     return EdgeBench(top.mode, top.batch, tuple(sweep_runs), tuple(bare), tuple(workers), round(ratio, 3),
-                     round(switcher_us(switcher, features, 50 if quick else 500), 1),
-                     round(1e6 / statistics.median(bare), 1), round(threshold, 4), text)
+                     round(switcher_us(bench.switcher, features, 50 if quick else 500), 1),
+                     round(1e6 / statistics.median(bare), 1), round(bench.threshold, 4), text)
+
+
+class WorkerBench:
+    """Runs of one EdgeWorker on a pre-filled stream (see :func:`worker_run`), each under new keys."""
+
+    def __init__(self, settings, client, model, switcher, threshold: float, frames: int):
+        self.settings, self.client, self.model, self.switcher = settings, client, model, switcher
+        self.threshold, self.frames, self.runs = threshold, frames, 0
+        self.jpegs = scene_jpegs(16)
+
+    def run(self) -> WorkerRun:
+        from fallwatch.keys import Keys
+
+        self.runs += 1
+        result = worker_run(self.settings, self.client, Keys(f"bench{self.runs}"), self.model, self.switcher,
+                            self.jpegs, self.frames)
+        self.client.flushdb()
+        return result
+
+
+@contextmanager
+def worker_bench(work: Path, model, mode: str, batch: int, frames: int) -> Iterator[WorkerBench]:
+    """A redis-server, the bench switcher (offloading about OFFLOAD_SHARE) and a :class:`WorkerBench`."""
+    import redis
+
+    from fallwatch.redis import EmbeddedRedis
+    from fallwatch.settings import Settings
+    from switcher.model import Switcher
+
+    ckpt = switcher_checkpoint(work / "switcher", model.model_id, model.questions, model.feature_dim)
+    switcher = Switcher.load(ckpt, model.model_id, model.questions)
+    threshold = calibrated_threshold(switcher, model, decoded(scene_jpegs(8)))
+    with EmbeddedRedis(work / "redis", appendonly=False) as server:
+        settings = Settings(redis={"url": server.url},
+                            edge=edge_settings(Path(model.model_id), mode, batch, block_ms=50),
+                            switcher={"checkpoint": str(ckpt), "threshold": threshold}, cloud={"batch_size": 8})
+        client = redis.Redis.from_url(server.url)
+        try:
+            yield WorkerBench(settings, client, model, switcher, threshold, frames)
+        finally:
+            client.close()
 
 
 def figures(bench: EdgeBench, machine: Machine) -> list:
