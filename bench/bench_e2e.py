@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import DEFAULT_CACHE, QUESTION, ROOT, Machine, exit_cleanly_on_signals, figure, full_vilt_dir, load_average, \
+from common import bench_start, DEFAULT_CACHE, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     scene_jpegs, switcher_checkpoint
 
 FALLWATCH = Path(sys.executable).with_name("fallwatch")
@@ -340,12 +340,8 @@ def main() -> None:
     ap.add_argument("--images", type=Path, help="folder of 640x640 .jpg frames (default: drawn scenes)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("warning", "console")
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = Machine.here()
+    machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         runs = run_e2e(args.cache, Path(tmp), args.quick, args.mode, args.batch, args.cameras, threads=args.threads,
                        images=args.images, seconds=args.seconds, step_down=args.step_down,

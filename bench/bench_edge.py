@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import DEFAULT_CACHE, QUESTION, Machine, exit_cleanly_on_signals, figure, full_vilt_dir, load_average, \
+from common import bench_start, DEFAULT_CACHE, QUESTION, Machine, figure, full_vilt_dir, load_average, \
     median_ratio, scene_jpegs, switcher_checkpoint
 
 MODES = {"bf16": {"dtype": "bf16"}, "int8": {"int8": True}}
@@ -357,12 +357,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one worker run with pyinstrument")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("warning", "console")
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = Machine.here()
+    machine = bench_start()
     models = load_models(args.cache)
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         bench = run_edge(args.cache, Path(tmp), args.quick, args.profile, models)

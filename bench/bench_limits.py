@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import DEFAULT_CACHE, Machine, exit_cleanly_on_signals, figure
+from common import bench_start, DEFAULT_CACHE, Machine, figure
 
 MATRIX_OPS = ("linear", "matmul", "conv2d")
 GEMM_MODES = ("fp32", "bf16", "int8")
@@ -258,11 +258,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="edge.batch_size")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("warning", "console")
-    machine = Machine.here()
+    machine = bench_start()
     models = bench_edge.load_models(args.cache)
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         lim = run_limits(models, args.mode, args.batch, Path(tmp), args.quick)

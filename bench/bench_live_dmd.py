@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import Machine, figure
+from common import bench_start, Machine, figure
 
 DIM, BUDGET, QUESTIONS = 16, 0.3, ("Is the person falling?",)
 NOISE = 0.05  # random disagreements no switcher can learn: the calibration expects about 95 % agreement
@@ -484,17 +484,12 @@ def run_bench(work: Path, quick: bool) -> dict:
 
 
 def main() -> None:
-    from common import exit_cleanly_on_signals
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for live_dmd.json, .md and .png")
     ap.add_argument("--quick", action="store_true", help="about 3500 frames at 10%% audits instead of 26000 at 2%%")
     args = ap.parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("error", "console")
-    machine = Machine.here()
+    machine = bench_start("error")
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         result = run_bench(Path(tmp), args.quick)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ draws the masks), and ``encode_jpeg`` of that frame, with their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 from fallwatch.settings import MaskSettings
 from ingest.jpeg import encode_jpeg
 from ingest.masks import Masker
+
+from common import write_report
 
 ROOM = [MaskSettings(kind="ignore", name="bed", points=[(0.05, 0.45), (0.55, 0.45), (0.55, 0.95), (0.05, 0.95)]),
         MaskSettings(kind="privacy", name="bathroom door", points=[(0.75, 0.0), (1.0, 0.0), (1.0, 0.7), (0.78, 0.7)])]
@@ -60,10 +61,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Fewer repeats.")
     args = ap.parse_args()
     result = measure(200 if args.quick else 2000)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "masks.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "masks.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "masks", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes ``sizing.json`` and ``sizing.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -33,6 +32,8 @@ from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import EdgeVerdict, FrameMessage, encode
 from ingest.jpeg import encode_jpeg
+
+from common import write_report
 
 QUALITY = 85
 MAX_WIDTH = 640
@@ -187,10 +188,7 @@ def main() -> None:
         "redis": redis_memory(jpegs, args.entries),
         "vilt": None if args.no_vilt else vilt_per_core(jpegs),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sizing.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "sizing.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "sizing", report, markdown(report))
 
 
 if __name__ == "__main__":

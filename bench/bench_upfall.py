@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from common import DEFAULT_CACHE, QUESTION, ROOT, Machine, exit_cleanly_on_signals, figure, full_vilt_dir, load_average, \
+from common import bench_start, DEFAULT_CACHE, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     median_ratio, switcher_checkpoint
 
 DEFAULT_UPFALL = ROOT.parent / "shared" / "data" / "upfall"
@@ -513,11 +513,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="step trials after the first (default 2, quick 0)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("warning", "console")
-    machine = Machine.here()
+    machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         bench = run_upfall(args.cache, Path(tmp), args.quick, args.mode, args.batch, args.upfall, args.gated,
                            args.ungated, args.steps, not args.quick if args.features is None else args.features)

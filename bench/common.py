@@ -117,6 +117,25 @@ def exit_cleanly_on_signals() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
+def bench_start(log_level: str = "warning") -> "Machine":
+    """What every benchmark does first: stop cleanly on signals, quiet logs, record the machine."""
+    from fallwatch import logging as fw_logging
+
+    exit_cleanly_on_signals()
+    fw_logging.configure(log_level, "console")
+    return Machine.here()
+
+
+def write_report(out: Path, name: str, data: object, markdown_text: str) -> None:
+    """``out/NAME.json`` and ``out/NAME.md``, and the Markdown printed."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown_text)
+    print(markdown_text)
+
+
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """Median of the pairwise ratios a[i] / b[i] (interleaved runs: each pair shares the same load)."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))

@@ -36,7 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench_upfall import DEFAULT_UPFALL
-from common import DEFAULT_CACHE, Figure, Machine, exit_cleanly_on_signals, figure, full_vilt_dir
+from common import bench_start, DEFAULT_CACHE, Figure, Machine, figure, full_vilt_dir
 
 SECTIONS = ("edge", "limits", "forward", "transport", "ingest", "e2e", "upfall", "cloud", "live_dmd", "budget")
 
@@ -154,12 +154,8 @@ def run_sections(suite: Suite, names: list[str]) -> tuple[list[Figure], dict[str
 
 def main() -> None:
     args = parse_args()
-    exit_cleanly_on_signals()
-    from fallwatch import logging as fw_logging
-
-    fw_logging.configure("error", "console")  # the ingest section overloads a stream on purpose
     start = time.perf_counter()
-    machine = Machine.here()
+    machine = bench_start("error")  # the ingest section overloads a stream on purpose
     names = [s for s in SECTIONS if s in args.only.split(",")]
     if set(names) & {"edge", "limits", "forward", "e2e", "upfall"}:
         full_vilt_dir(args.cache)  # built once, outside the timed sections
