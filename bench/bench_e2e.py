@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import bench_start, DEFAULT_CACHE, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
+from common import bench_start, edge_options, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     scene_jpegs, switcher_checkpoint
 
 FALLWATCH = Path(sys.executable).with_name("fallwatch")
@@ -330,15 +330,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for e2e.json")
     ap.add_argument("--quick", action="store_true", help="5 s window instead of 30 s")
-    ap.add_argument("--mode", choices=["int8", "bf16"], default="int8", help="edge model mode")
-    ap.add_argument("--batch", type=int, default=8, help="edge.batch_size")
+    edge_options(ap)
     ap.add_argument("--threads", type=int, default=0, help="edge.threads (0: torch default)")
     ap.add_argument("--cameras", type=int, default=16, help="replayed cameras at 1 fps")
     ap.add_argument("--seconds", type=float, default=None, help="measured window")
     ap.add_argument("--step-down", type=int, default=0, help="if the edge falls behind: up to N runs with 2 cameras fewer each")
     ap.add_argument("--step-up", type=int, default=0, help="if the edge keeps up: up to N runs with 8 cameras more each")
     ap.add_argument("--images", type=Path, help="folder of 640x640 .jpg frames (default: drawn scenes)")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     machine = bench_start()

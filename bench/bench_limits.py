@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import bench_start, DEFAULT_CACHE, Machine, figure
+from common import bench_start, edge_options, Machine, figure
 
 MATRIX_OPS = ("linear", "matmul", "conv2d")
 GEMM_MODES = ("fp32", "bf16", "int8")
@@ -254,9 +254,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for limits.json")
     ap.add_argument("--quick", action="store_true", help="shorter timings, fewer pairs")
-    ap.add_argument("--mode", choices=["int8", "bf16"], default="int8", help="the edge's mode")
-    ap.add_argument("--batch", type=int, default=8, help="edge.batch_size")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
+    edge_options(ap)
     args = ap.parse_args()
     machine = bench_start()
     models = bench_edge.load_models(args.cache)

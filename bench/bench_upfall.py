@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from common import bench_start, DEFAULT_CACHE, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
+from common import bench_start, edge_options, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     median_ratio, switcher_checkpoint
 
 DEFAULT_UPFALL = ROOT.parent / "shared" / "data" / "upfall"
@@ -504,14 +504,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="directory for upfall.json")
     ap.add_argument("--quick", action="store_true", help="8 s windows, no stepping")
     ap.add_argument("--upfall", type=Path, default=DEFAULT_UPFALL, help="folder of the UP-Fall clips")
-    ap.add_argument("--mode", choices=["int8", "bf16"], default="int8", help="edge model mode")
-    ap.add_argument("--batch", type=int, default=4, help="edge.batch_size")
+    edge_options(ap, batch=4)
     ap.add_argument("--gated", type=int, default=32, help="room cameras of the first gated trial")
     ap.add_argument("--ungated", type=int, default=16, help="room cameras of the first ungated trial")
     ap.add_argument("--features", action=argparse.BooleanOptionalAction, default=None,
                     help="the with/without features trials (default: on, off with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="step trials after the first (default 2, quick 0)")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
     args = ap.parse_args()
     machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:

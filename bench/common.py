@@ -7,6 +7,7 @@ holds, the load average (1, 5, 15 minutes) when it was measured, the machine and
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -115,6 +116,13 @@ def exit_cleanly_on_signals() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def edge_options(ap: "argparse.ArgumentParser", batch: int = 8) -> None:
+    """The edge worker's mode, batch size and checkpoint cache, as every edge benchmark takes them."""
+    ap.add_argument("--mode", choices=["int8", "bf16"], default="int8", help="edge model mode")
+    ap.add_argument("--batch", type=int, default=batch, help="edge.batch_size")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the full-size ViLT checkpoint is kept")
 
 
 def bench_start(log_level: str = "warning") -> "Machine":
