@@ -127,6 +127,11 @@ class IngestSettings(Section):
         2000, ge=10, le=10_000_000,
         description="Approximate MAXLEN of the frames stream; oldest frames are dropped beyond it.",
     )
+    write_batch: int = Field(
+        16, ge=1, le=256,
+        description="Most frames one pipelined round trip writes when a camera's publisher is behind "
+                    "(a frame with nothing queued behind it is written at once).",
+    )
     motion_gating: bool = Field(False, description="Skip frames without motion.")
     motion_threshold: float = Field(0.01, ge=0, le=1, description="Fraction of changed pixels that is motion.")
     keepalive_s: float = Field(10.0, gt=0, le=3600, description="With gating: send a frame at least this often.")

@@ -1,4 +1,8 @@
-"""Decoder thread → FrameBuffer → publisher loop, shared by cameras and replays."""
+"""Decoder thread → FrameBuffer → publisher loop, shared by cameras and replays.
+
+The loop tells the publisher whether more frames are already waiting: if so it queues the frame and
+writes the queue with the last of them (up to ``ingest.write_batch`` per round trip).
+"""
 
 from __future__ import annotations
 
@@ -26,13 +30,15 @@ def run_pipeline(name: str, producer: Producer, buffer: FrameBuffer, publisher: 
     thread = threading.Thread(target=_guarded, args=(name, producer, buffer, halt), name=name, daemon=True)
     thread.start()
     try:
-        while not stop.is_set() and (limit is None or publisher.stats.items < limit):
+        while not stop.is_set() and (limit is None or publisher.accepted < limit):
             rec = buffer.get(timeout=poll_s)
             if rec is not None:
-                publisher.handle(rec, dropped=buffer.take_dropped())
+                more = len(buffer) > 0 and (limit is None or publisher.accepted + 1 < limit)
+                publisher.handle(rec, dropped=buffer.take_dropped(), flush=not more)
             elif buffer.finished:
                 break
     finally:
+        publisher.flush()  # what a stop left queued: one more try
         halt.set()
         buffer.close()
         thread.join()

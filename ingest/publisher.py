@@ -1,7 +1,9 @@
 """From sampled frames to stream entries: motion gating, clip assembly, JPEG, XADD, counters.
 
-One pipelined round trip per item: XADD (``MAXLEN ~``), the camera's counters and its
-``last_frame_at``. A Redis outage is waited out with capped backoff (the same item is retried);
+One pipelined round trip (a MULTI/EXEC transaction, all or nothing) per item: XADD, the camera's
+counters and its ``last_frame_at``. A publisher that is behind (more sampled frames already waiting
+in its buffer) queues up to ``ingest.write_batch`` items and writes them in one round trip; a frame
+with nothing behind it is written at once, so batching never adds latency. A Redis outage is waited out with capped backoff (the same item is retried);
 meanwhile the live buffer in front drops its oldest frames. A Redis that refuses writes (out of
 memory: ``maxmemory`` under ``noeviction``) is not waited for: the item is dropped and counted
 here, and the count reaches ``ingest:<id>:oom`` with the first write Redis takes again.
@@ -121,28 +123,39 @@ class Publisher:
         self.max_pending = max_pending
         self._recent: deque[tuple[int, int]] = deque(maxlen=(max_pending or 0) + 1)
         self._unsaved = PublishStats()  # counter deltas not yet written
+        self._queue: list[tuple[FrameMessage, dict[bytes, bytes]]] = []  # encoded, not yet written
         self._moved = False
         self.retry = retry or RedisSettings()  # backoff through Redis outages
         self._trimmer = client.register_script(TRIM)  # EVALSHA, loaded on first use
         self._chunk = max(1, ing.stream_maxlen // 20)  # entries over maxlen before a trim
 
-    def handle(self, rec: FrameRecord, dropped: int = 0) -> bool:
-        """Feed one sampled frame; True when it completed an item that was published."""
+    def handle(self, rec: FrameRecord, dropped: int = 0, flush: bool = True) -> bool:
+        """Feed one sampled frame; True when it completed an item that was published (or queued,
+        without ``flush``: the caller has more frames waiting and flushes with the last of them)."""
         self._unsaved.dropped += dropped
         self.stats.dropped += dropped
+        parts = self._admitted(rec)
+        if parts is None:
+            if flush:
+                self.flush()  # what earlier frames queued
+            return False
+        return self.publish(parts, flush)
+
+    def _admitted(self, rec: FrameRecord) -> list[FrameRecord] | None:
+        """The item ``rec`` completes and the motion gate lets through, else None (counted as gated)."""
         moved = self.gate.moved(rec.rgb) if self.gate else True
         parts: list[FrameRecord] | None = [rec]
         if self.clips is not None:
             self._moved = self._moved or moved
             parts = self.clips.push(rec)
             if parts is None:
-                return False
+                return None
             moved, self._moved = self._moved, False
         if self.gate is not None and not self.gate.admit(moved, rec.captured_at):
             self.stats.gated += 1
             self._unsaved.gated += 1
-            return False
-        return self.publish(parts)
+            return None
+        return parts
 
     def build(self, parts: list[FrameRecord]) -> tuple[FrameMessage, list[bytes]]:
         images = [encode_jpeg(p.rgb, self.ing.jpeg_quality, self.ing.max_width) for p in parts]
@@ -154,54 +167,75 @@ class Publisher:
         )
         return msg, [img.data for img in images]
 
-    def publish(self, parts: list[FrameRecord]) -> bool:
-        """Encode and XADD one item, retrying through Redis outages until done or stopped."""
+    def publish(self, parts: list[FrameRecord], flush: bool = True) -> bool:
+        """Encode one item and queue it; write the queue now if ``flush`` or it holds ``write_batch``
+        items. False when Redis refused it (out of memory) or the queue could not be written."""
         try:
             msg, images = self.build(parts)  # frame numbers come from Redis (a block at a time)
         except redis.exceptions.OutOfMemoryError as exc:
             return self._refused(len(parts), exc)
-        fields = encode(msg, images)
+        self._queue.append((msg, encode(msg, images)))
+        if flush or len(self._queue) >= self.ing.write_batch:
+            return self.flush()
+        return True
+
+    @property
+    def accepted(self) -> int:
+        """Items written plus those queued for the next round trip."""
+        return self.stats.items + len(self._queue)
+
+    def flush(self) -> bool:
+        """Write the queued items in one pipelined round trip, retrying through Redis outages until
+        done or stopped (a stopped publisher still tries once)."""
         backoff = Backoff.redis(self.retry)
-        while not self.stop.is_set():
+        while self._queue:
             try:
-                if self.max_pending is not None:
-                    self._wait_for_consumers()
-                self._write(msg, fields)
-                return True
+                self._write(self._queue[:self._room()])
             except redis.exceptions.OutOfMemoryError as exc:
-                return self._refused(msg.n_images, exc)
+                frames, self._queue = sum(m.n_images for m, _f in self._queue), []
+                return self._refused(frames, exc)
             except redis.RedisError as exc:
+                if self.stop.is_set():
+                    return False
                 delay = backoff.next()
                 log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc), retry_s=delay)
                 self.stop.wait(delay)
-        return False
+        return True
 
-    def _write(self, msg: FrameMessage, fields: dict[bytes, bytes]) -> None:
+    def _write(self, items: list[tuple[FrameMessage, dict[bytes, bytes]]]) -> None:
+        """XADD ``items`` (the queue's first), XLEN, the camera's counters and ``last_frame_at``: one round trip."""
         cam = self.camera_id
-        pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command("XADD", self.keys.frames_stream(), "*", *(x for pair in fields.items() for x in pair))
+        pipe = self.client.pipeline(transaction=True)  # all or nothing: a refused command refuses the queue
+        for _msg, fields in items:
+            pipe.execute_command("XADD", self.keys.frames_stream(), "*", *(x for pair in fields.items() for x in pair))
         pipe.xlen(self.keys.frames_stream())
-        pipe.incrby(self.keys.camera_counter(cam, "items"), 1)
-        pipe.incrby(self.keys.camera_counter(cam, "frames"), msg.n_images)
-        for field in ("gated", "dropped", "oom"):
+        frames = sum(msg.n_images for msg, _f in items)
+        self._unsaved.items, self._unsaved.frames = len(items), frames
+        for field in ("items", "frames", "gated", "dropped", "oom"):
             if getattr(self._unsaved, field):
                 pipe.incrby(self.keys.camera_counter(cam, field), getattr(self._unsaved, field))
-        pipe.hset(self.keys.camera_info(self.camera_id),
-                  mapping=CameraInfo(last_frame_at=msg.captured_at, last_frame_id=msg.frame_id).to_hash())
-        entry_id, length = self._added(pipe.execute(raise_on_error=False))
+        last = items[-1][0]
+        pipe.hset(self.keys.camera_info(cam),
+                  mapping=CameraInfo(last_frame_at=last.captured_at, last_frame_id=last.frame_id).to_hash())
+        entry_ids, length = self._added(pipe.execute(raise_on_error=False), len(items))
+        del self._queue[:len(items)]
+        self._saved(frames)
+        self.stats.items += len(items)
+        self.stats.frames += frames
+        if self.max_pending is not None:
+            self._recent.extend(id_tuple(e) for e in entry_ids)
+        if length - self.ing.stream_maxlen >= self._chunk:
+            self._trim()
+
+    def _saved(self, frames: int) -> None:
+        """The unsaved counters reached Redis: tell the metrics and start counting again."""
         if self._unsaved.oom:
-            log.info("redis_memory_available", camera=cam, dropped_oom=self._unsaved.oom)
+            log.info("redis_memory_available", camera=self.camera_id, dropped_oom=self._unsaved.oom)
             self.metrics.memory_ok()
-        self.metrics.ingested(self.camera_id, msg.n_images)
+        self.metrics.ingested(self.camera_id, frames)
         self.metrics.dropped(self.camera_id, self._unsaved.dropped)
         self.metrics.motion_skipped(self.camera_id, self._unsaved.gated)
         self._unsaved = PublishStats()
-        self.stats.items += 1
-        self.stats.frames += msg.n_images
-        if self.max_pending is not None:
-            self._recent.append(id_tuple(entry_id))
-        if length - self.ing.stream_maxlen >= self._chunk:
-            self._trim()
 
     def _trim(self) -> None:
         """Trim the stream back to ``stream_maxlen`` (TRIM), counting the entries nobody had read."""
@@ -215,15 +249,18 @@ class Publisher:
         if trimmed:
             self._count_trimmed([c if CAMERA_ID.fullmatch(c) else "unknown" for c in map(text, trimmed)])
 
-    def _added(self, replies: list) -> tuple[bytes, int]:
-        """The new entry's id and the stream's length; raises the XADD's error. A counter a nearly full
-        Redis refused after the entry went in is only logged: raising would count (or add) the frame twice."""
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        failed = [r for r in replies[1:] if isinstance(r, Exception)]
+    def _added(self, replies: list, n: int) -> tuple[list[bytes], int]:
+        """The new entries' ids and the stream's length. A command Redis refuses (out of memory) aborts
+        the whole transaction, raised by ``execute``: nothing was written, the queue is dropped and
+        counted. An error while executing it is raised for an XADD (the queue is written again) and
+        only logged for a counter: raising would add the frames twice."""
+        failed = [r for r in replies[:n] if isinstance(r, Exception)]
         if failed:
-            log.warning("ingest_counters_not_saved", camera=self.camera_id, error=str(failed[0]))
-        return replies[0], replies[1] if isinstance(replies[1], int) else 0
+            raise failed[0]
+        counters = [r for r in replies[n + 1:] if isinstance(r, Exception)]
+        if counters:
+            log.warning("ingest_counters_not_saved", camera=self.camera_id, error=str(counters[0]))
+        return replies[:n], replies[n] if isinstance(replies[n], int) else 0
 
     def _refused(self, frames: int, exc: redis.RedisError) -> bool:
         """Redis is out of memory: drop the item (live data), count its frames, say so once."""
@@ -249,13 +286,17 @@ class Publisher:
         except redis.RedisError as exc:  # never retry the write for this: the frame is already added
             log.warning("ingest_redis_error", camera=self.camera_id, error=str(exc))
 
-    def _wait_for_consumers(self) -> None:
-        """Block while more than ``max_pending`` of our entries are not yet delivered to the edge group."""
+    def _room(self) -> int:
+        """How many queued items to write now: all of them, or with ``max_pending`` as many as fit
+        (blocking while ``max_pending`` of our entries are not yet delivered to the edge group)."""
+        if self.max_pending is None:
+            return len(self._queue)
         while not self.stop.is_set():
             pending = self._undelivered()
             if pending is None or pending < self.max_pending:
-                return
+                return min(len(self._queue), self.max_pending - (pending or 0))
             self.stop.wait(0.05)
+        return len(self._queue)
 
     def _undelivered(self) -> int | None:
         try:

@@ -196,3 +196,51 @@ def test_frames_trimmed_before_the_edge_read_them_are_counted_per_camera(setting
     assert trimmed == {"cam1": 10 - len(read), "cam2": 190 - len(left)}  # the 6 read ones are not counted
     assert int(r.get(keys.counter("frames_trimmed_unread"))) == sum(trimmed.values())
     assert pubs["cam2"].stats.trimmed == trimmed["cam2"] and pubs["cam2"].stats.items == 190
+
+
+def _commands(r, name: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+def test_a_backlog_is_written_in_batches_and_a_lone_frame_at_once(settings, r, keys) -> None:
+    from ingest.pipeline import run_pipeline
+    from ingest.records import BufferPolicy, FrameBuffer
+
+    ing = settings.ingest.model_copy(update={"write_batch": 8})
+    pub = Publisher(r, keys, "cam1", ing, threading.Event())
+    small = np.zeros((8, 8, 3), np.uint8)
+    assert pub.handle(FrameRecord("cam1", 0, 1000.0, small)) and r.xlen(keys.frames_stream()) == 1  # at once
+    buffer = FrameBuffer(20, BufferPolicy.WAIT)
+    for i in range(20):
+        buffer.put(FrameRecord("cam1", i + 1, 1001.0 + i, small))
+    buffer.close()
+    execs = _commands(r, "exec")
+    run_pipeline("cam1", lambda buf, halt: None, buffer, pub, threading.Event())
+    assert r.xlen(keys.frames_stream()) == 21 and pub.stats.items == 21
+    assert _commands(r, "exec") - execs == 3  # 8 + 8 + 4, each one transaction
+    assert int(r.get(keys.camera_counter("cam1", "items"))) == 21
+    newest, _ = decode(r.xrevrange(keys.frames_stream(), count=1)[0][1])
+    assert r.hget(keys.camera_info("cam1"), "last_frame_id").decode() == newest.frame_id
+
+
+def test_a_gated_frame_still_writes_what_was_queued_before_it(settings, r, keys) -> None:
+    ing = settings.ingest.model_copy(update={"motion_gating": True, "keepalive_s": 3600})
+    pub = Publisher(r, keys, "cam1", ing, threading.Event())
+    still = np.zeros((32, 32, 3), np.uint8)
+    assert pub.handle(FrameRecord("cam1", 0, 1000.0, still), flush=False)  # queued: more were waiting
+    assert r.xlen(keys.frames_stream()) == 0 and pub.accepted == 1
+    assert not pub.handle(FrameRecord("cam1", 1, 1001.0, still))  # gated, and the last one waiting
+    assert r.xlen(keys.frames_stream()) == 1 and pub.stats.gated == 1
+
+
+def test_a_refused_batch_is_dropped_whole_and_counted(settings, r, keys) -> None:
+    pub = Publisher(r, keys, "cam1", settings.ingest, threading.Event())
+    small = np.zeros((8, 8, 3), np.uint8)
+    pub.handle(FrameRecord("cam1", 0, 1000.0, small))  # the stream exists, and the seq block is taken
+    r.config_set("maxmemory", 1)
+    try:
+        for i in range(3):
+            pub.handle(FrameRecord("cam1", i + 1, 1001.0 + i, small), flush=i == 2)
+    finally:
+        r.config_set("maxmemory", 0)
+    assert r.xlen(keys.frames_stream()) == 1 and pub.stats.oom == 3 and pub.accepted == 1

@@ -108,6 +108,17 @@ def test_motion_gate_detects_change_and_ignores_noise():
     assert not gate.moved(person.copy())
 
 
+def test_motion_gate_averages_fine_texture_jitter_away_but_sees_a_person():
+    stripes = np.zeros((480, 640, 3), np.uint8)
+    stripes[:, (np.arange(640) % 4) < 2] = 220  # 2 px stripes: carpet, blinds, sensor-level detail
+    gate = MotionGate(threshold=0.01, keepalive_s=10)
+    assert gate.moved(stripes)
+    assert not gate.moved(np.roll(stripes, 1, axis=1))  # a 1 px shake: every pixel column flips
+    fallen = np.roll(stripes, 1, axis=1)
+    fallen[300:420, 200:440] = 20  # a body on the floor: ~9% of the frame
+    assert gate.moved(fallen)
+
+
 def test_motion_gate_keepalive():
     gate = MotionGate(threshold=0.01, keepalive_s=5)
     sent = [t for t in np.arange(0, 20, 0.5) if gate.admit(False, float(t))]
