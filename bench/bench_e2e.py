@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def wait_for_roles(client, keys, procs: dict[str, subprocess.Popen], logs: Path,
             if proc.poll() is not None:
                 tail = (logs / f"{role}.log").read_text()[-3000:]
                 raise RuntimeError(f"{role} exited with {proc.returncode}:\n{tail}")
-        if all(client.keys(keys.heartbeat_pattern(role)) for role in procs):
+        kinds = Counter(role.rstrip("0123456789") for role in procs)  # edge, edge1: two edge workers
+        if all(len(client.keys(keys.heartbeat_pattern(kind))) >= n for kind, n in kinds.items()):
             return
         time.sleep(0.2)
     raise RuntimeError(f"roles not serving after {timeout_s} s (logs in {logs})")

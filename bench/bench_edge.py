@@ -296,14 +296,42 @@ class WorkerBench:
         self.threshold, self.frames, self.runs = threshold, frames, 0
         self.jpegs = scene_jpegs(16)
 
-    def run(self) -> WorkerRun:
+    def run(self, tag: str = "", clean: bool = True) -> WorkerRun:
         from fallwatch.keys import Keys
 
         self.runs += 1
-        result = worker_run(self.settings, self.client, Keys(f"bench{self.runs}"), self.model, self.switcher,
+        result = worker_run(self.settings, self.client, Keys(f"bench{self.runs}{tag}"), self.model, self.switcher,
                             self.jpegs, self.frames)
-        self.client.flushdb()
+        if clean:
+            self.client.flushdb()
         return result
+
+    def run_per_core(self, workers: int) -> list[WorkerRun]:
+        """``workers`` forked processes with one torch thread each, each running the worker over a
+        stream of its own at the same time (one edge worker per core, as docs/deploy.md advises)."""
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")  # the children share the loaded model's memory
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_one_core, args=(self, f"c{i}", results)) for i in range(workers)]
+        for proc in procs:
+            proc.start()
+        try:
+            runs = [WorkerRun(**results.get(timeout=900)) for _ in procs]
+        finally:
+            for proc in procs:
+                proc.join(30)
+        self.runs += 1
+        self.client.flushdb()
+        return runs
+
+
+def _one_core(bench: WorkerBench, tag: str, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    bench.model.score(decoded(bench.jpegs[:bench.settings.edge.batch_size]))  # warm up on one thread, unmeasured
+    results.put(asdict(bench.run(tag, clean=False)))
 
 
 @contextmanager

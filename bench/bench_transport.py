@@ -2,20 +2,23 @@
 
 fallwatch's path, on one connection each way, as the roles do it:
 
-* write: ``ingest.publisher.Publisher.publish`` (schemas.encode, one pipelined round trip with
-  XADD and XLEN, the camera's counters and ``last_frame_at``; the trim script only once the stream
-  is a chunk over ``stream_maxlen``), with a ready 60 KB JPEG
-  payload instead of a camera frame (JPEG encoding is ingest's cost, measured by bench_ingest);
-* read: ``EdgeWorker.read`` (XREADGROUP COUNT edge.batch_size), ``schemas.decode`` of every entry,
-  XACK of the batch.
+* write: ingest's own loop (``ingest.pipeline.run_pipeline`` → ``Publisher.handle``: schemas.encode,
+  one MULTI/EXEC round trip with the XADDs, XLEN, the camera's counters and ``last_frame_at``; the
+  trim script only once the stream is a chunk over ``stream_maxlen``) draining a buffer a producer
+  fills as fast as it can, so a backlog is written up to ``ingest.write_batch`` frames per round
+  trip, with a ready 60 KB JPEG payload instead of a camera frame (JPEG encoding is ingest's cost,
+  measured by bench_ingest);
+* read: XREADGROUP COUNT edge.batch_size as ``EdgeWorker.read``, ``schemas.decode`` of every entry,
+  XACK of the batch in the next read's round trip (the worker's XACK rides its verdict
+  transaction; ``fallwatch_read_ack_alone_per_s`` is the read with an XACK round trip of its own).
 
 The reference is Debian's ``redis-benchmark`` on the same server with one client and no
 pipelining: ``XADD`` of the same 60 KB field (``-x``), then ``XREADGROUP ... COUNT batch``, and
 ``SET -d 60000`` for scale. A frame has to be written and read once: the combined rate of a
 writer and a reader taking turns is ``1 / (1/write + 1/read)``, computed the same way for both.
 fallwatch's writer and reader are also run at the same time (two threads): ``concurrent``.
-``write_ab``: the write path before (the whole entry through one Lua EVAL) and after (plain XADD),
-alternating on the same server.
+``write_ab``: the write path before (one frame per round trip, as a live camera with nothing
+queued writes) and after (a backlog batched), alternating on the same server.
 
     .venv/bin/python bench/bench_transport.py --out bench/results/transport [--quick]
 """
@@ -55,6 +58,7 @@ class Rates:
 class Round:
     fallwatch: Rates
     fallwatch_concurrent_per_s: float
+    fallwatch_read_ack_alone_per_s: float  # the read with an XACK round trip of its own per batch
     redis_benchmark: Rates
     redis_benchmark_set_per_s: float
     load_average_1m: float
@@ -69,7 +73,7 @@ class TransportBench:
     frames_per_s: float  # median combined fallwatch rate
     reference_per_s: float  # median combined redis-benchmark rate
     ratio: float  # median of the pairwise ratios
-    write_ab: dict[str, object]  # write path before (Lua EVAL of the whole entry) and after (plain XADD)
+    write_ab: dict[str, object]  # write path one frame per round trip (before) and batched (after)
 
 
 def combined(write: float, read: float) -> Rates:
@@ -100,30 +104,9 @@ def make_publisher(client, keys, settings, data: bytes):
     return ReadyPublisher(client, keys, "bench", settings.ingest, threading.Event())
 
 
-def lua_publisher(client, keys, settings, data: bytes):
-    """The write path before: the whole entry passed through one Lua EVAL (XADD inside the script, then
-    the trim check), instead of a plain XADD and XLEN in the pipeline and the script only to trim."""
-    from ingest.publisher import TRIM
-
-    add_and_trim = TRIM.replace("local excess", "redis.call('XADD', stream, '*', unpack(ARGV, 5))\nlocal excess", 1)
-    publisher = make_publisher(client, keys, settings, data)
-
-    def write(msg, fields) -> None:
-        pipe = client.pipeline(transaction=False)
-        maxlen = settings.ingest.stream_maxlen
-        pipe.eval(add_and_trim, 2, keys.frames_stream(), keys.frames_trimmed_unread(), maxlen, max(1, maxlen // 20),
-                  1000, keys.edge_group(), *(x for pair in fields.items() for x in pair))
-        pipe.incrby(keys.camera_counter("bench", "items"), 1)
-        pipe.incrby(keys.camera_counter("bench", "frames"), msg.n_images)
-        pipe.hset(keys.camera_info("bench"), mapping={"last_frame_at": msg.captured_at, "last_frame_id": msg.frame_id})
-        pipe.execute()
-
-    publisher._write = write
-    return publisher
-
-
 def write_ab(url: str, frames: int, data: bytes, rounds: int) -> dict[str, object]:
-    """Write rates of the Lua path (before) and the plain XADD path (after), alternating on one server."""
+    """Write rates one item per round trip (before: every frame flushed alone) and as ingest's loop
+    writes a backlog (after: up to ``ingest.write_batch`` per round trip), alternating on one server."""
     import redis
 
     from fallwatch.keys import Keys
@@ -131,16 +114,18 @@ def write_ab(url: str, frames: int, data: bytes, rounds: int) -> dict[str, objec
 
     settings = Settings(redis={"url": url}, ingest={"stream_maxlen": 4 * frames})
     client, keys = redis.Redis.from_url(url), Keys("fwab")
-    pubs = {"lua_eval": lua_publisher(client, keys, settings, data), "plain_xadd": make_publisher(client, keys, settings, data)}
-    rates: dict[str, list[float]] = {name: [] for name in pubs}
-    for pub in pubs.values():
-        write_frames(pub, 20)
+    publisher = make_publisher(client, keys, settings, data)
+    paths = {"one_per_round_trip": write_one_by_one, "batched": write_frames}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for path in paths.values():
+        path(publisher, 20)
     for _ in range(rounds):
-        for name, pub in pubs.items():
-            rates[name].append(round(write_frames(pub, frames), 1))
+        for name, path in paths.items():
+            rates[name].append(round(path(publisher, frames), 1))
             client.delete(keys.frames_stream())
     client.close()
-    return {**rates, "speedup": round(median_ratio(rates["plain_xadd"], rates["lua_eval"]), 3)}
+    return {**rates, "write_batch": settings.ingest.write_batch,
+            "speedup": round(median_ratio(rates["batched"], rates["one_per_round_trip"]), 3)}
 
 
 def record(seq: int):
@@ -151,25 +136,58 @@ def record(seq: int):
     return FrameRecord("bench", seq, time.time(), np.zeros((1, 1, 3), np.uint8))
 
 
-def write_frames(publisher, frames: int) -> float:
+def write_one_by_one(publisher, frames: int) -> float:
+    """Frames/s of ``publisher.publish`` one frame at a time, each written before the next (a live camera)."""
     start = time.perf_counter()
     for i in range(frames):
         publisher.publish([record(i)])
     return frames / (time.perf_counter() - start)
 
 
-def read_frames(worker, frames: int) -> float:
+def write_frames(publisher, frames: int) -> float:
+    """Frames/s of ingest's own loop (``run_pipeline``) publishing ``frames`` a producer thread
+    buffers as fast as it can: a backlog, written up to ``ingest.write_batch`` per round trip."""
+    from ingest.pipeline import run_pipeline
+    from ingest.records import BufferPolicy, FrameBuffer
+
+    def produce(buffer, halt) -> None:
+        for i in range(frames):
+            buffer.put(record(i), halt)
+        buffer.close()
+
+    before = publisher.stats.items
+    start = time.perf_counter()
+    run_pipeline("bench", produce, FrameBuffer(frames, BufferPolicy.WAIT), publisher, threading.Event())
+    if publisher.stats.items - before != frames:
+        raise RuntimeError(f"wrote {publisher.stats.items - before} of {frames} frames")
+    return frames / (time.perf_counter() - start)
+
+
+def read_frames(worker, frames: int, ack_alone: bool = False) -> float:
+    """Frames/s read as the edge worker reads (XREADGROUP COUNT ``edge.batch_size``, ``schemas.decode``
+    of every entry) and acknowledged. Each batch's XACK rides the next XREADGROUP's round trip, as
+    in the worker it rides the verdict transaction: it has no round trip of its own. ``ack_alone``:
+    an XACK round trip of its own per batch."""
     from fallwatch.schemas import FrameMessage, decode
 
-    done = 0
+    client, keys, done, unacked = worker.client, worker.keys, 0, []
     start = time.perf_counter()
     while done < frames:
-        entries = worker.read(block_ms=1000)
+        if ack_alone and unacked:
+            client.xack(keys.frames_stream(), keys.edge_group(), *unacked)
+            unacked = []
+        pipe = client.pipeline(transaction=False)
+        if unacked:
+            pipe.xack(keys.frames_stream(), keys.edge_group(), *unacked)
+        pipe.xreadgroup(keys.edge_group(), worker.name, {keys.frames_stream(): ">"}, count=worker.cfg.batch_size,
+                        block=1000)
+        entries = [entry for _stream, batch in (pipe.execute()[-1] or []) for entry in batch]
         for _eid, fields in entries:
             decode(fields, expect=FrameMessage)
-        if entries:
-            worker.client.xack(worker.keys.frames_stream(), worker.keys.edge_group(), *[e for e, _ in entries])
+        unacked = [eid for eid, _fields in entries]
         done += len(entries)
+    if unacked:
+        client.xack(keys.frames_stream(), keys.edge_group(), *unacked)
     return frames / (time.perf_counter() - start)
 
 
@@ -179,7 +197,7 @@ class NoModel:
     model_id, questions = "bench", ("Is the person falling?",)
 
 
-def fallwatch_rates(url: str, frames: int, data: bytes) -> tuple[Rates, float]:
+def fallwatch_rates(url: str, frames: int, data: bytes) -> tuple[Rates, float, float]:
     import redis
 
     from edge_worker.worker import EdgeWorker
@@ -195,6 +213,8 @@ def fallwatch_rates(url: str, frames: int, data: bytes) -> tuple[Rates, float]:
     write_frames(publisher, 20)  # warm up connections and code paths
     read_frames(worker, 20)
     sequential = combined(write_frames(publisher, frames), read_frames(worker, frames))
+    write_frames(publisher, frames)
+    ack_alone = round(read_frames(worker, frames, ack_alone=True), 1)
     start = time.perf_counter()
     thread = threading.Thread(target=write_frames, args=(publisher, frames))
     thread.start()
@@ -204,7 +224,7 @@ def fallwatch_rates(url: str, frames: int, data: bytes) -> tuple[Rates, float]:
     writer.delete(keys.frames_stream())
     writer.close()
     reader.close()
-    return sequential, round(concurrent, 1)
+    return sequential, round(concurrent, 1), ack_alone
 
 
 # --- redis-benchmark ----------------------------------------------------------------------------
@@ -251,8 +271,8 @@ def run_transport(work: Path, quick: bool) -> TransportBench:
         ab = write_ab(server.url, frames, data, rounds)
         for _ in tqdm(range(rounds), desc="transport rounds", leave=False):
             reference, set_rate = reference_rates(server.socket_path, server.url, frames, data)
-            ours, concurrent = fallwatch_rates(server.url, frames, data)
-            results.append(Round(ours, concurrent, reference, set_rate, load_average()[0]))
+            ours, concurrent, ack_alone = fallwatch_rates(server.url, frames, data)
+            results.append(Round(ours, concurrent, ack_alone, reference, set_rate, load_average()[0]))
     ratio = median_ratio([r.fallwatch.combined_per_s for r in results], [r.redis_benchmark.combined_per_s for r in results])
     return TransportBench(frames, len(data), BATCH, tuple(results),
                           statistics.median(r.fallwatch.combined_per_s for r in results),
@@ -280,7 +300,7 @@ def fallwatch_only(frames: int) -> dict[str, float]:
     from fallwatch.redis import EmbeddedRedis
 
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp, EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
-        rates, concurrent = fallwatch_rates(server.url, frames, payload())
+        rates, concurrent, _ack_alone = fallwatch_rates(server.url, frames, payload())
     return asdict(rates) | {"concurrent_per_s": concurrent}
 
 
@@ -291,7 +311,7 @@ def figures(bench: TransportBench, machine: Machine) -> list:
         figure("transport.ratio_vs_redis_benchmark", bench.ratio, "ratio", machine, ">= 0.8", lambda v: v >= 0.8,
                reference_per_s=bench.reference_per_s,
                reference="redis-benchmark -c 1 -P 1: XADD of the same 60 KB field, XREADGROUP COUNT 8"),
-        figure("transport.write_speedup_plain_xadd", bench.write_ab["speedup"], "x", machine, **bench.write_ab),
+        figure("transport.write_speedup_batched", bench.write_ab["speedup"], "x", machine, **bench.write_ab),
     ]
 
 

@@ -6,14 +6,18 @@ checkout; the section is skipped with its reason when they are missing): mostly 
 to one walking. Each clip is decoded once by ingest's own ``AvSource`` and sampled to the camera
 rate; each camera is a thread of this process feeding ``ingest.publisher.Publisher.handle`` on a
 fixed schedule (motion gate with its keep-alive frame, JPEG q85, XADD), like a live camera: it
-never waits for the edge. The edge worker (``fallwatch edge``, full-size ViLT-B/32 in the suite's
-mode, switcher at threshold 0 so every verdict is the edge's) and the alerts service run as
-their own processes, every role on the same two cores.
+never waits for the edge. The edge workers (``fallwatch edge``, full-size ViLT-B/32 in the suite's
+mode, switcher at threshold 0 so every verdict is the edge's; ``--edge-workers`` processes sharing
+the cores' threads, the suite runs one per core) and the alerts service run as their own
+processes, every role on the same two cores. With more than one edge worker, a full run also
+alternates one worker with every thread against them on more ungated cameras than the box keeps
+up (``upfall.edge_workers_speedup``: frames decided per second, saturated).
 
 A run keeps up when every frame published in the window has its final verdict within a few
 seconds of the end, verdicts are decided at least 95% as fast as frames were published, the
 latency does not grow over the window, and the cameras kept their schedule. Trials step up by
-``STEP`` cameras while they keep up at p99 <= 1000 ms (halving when the first falls behind).
+``STEP`` cameras while they keep up at p99 <= 1000 ms, halve while they do not, and once one count
+is kept and a larger one is not, bisect between the two (to within 2 cameras).
 
 Two more cameras play the fall clips (Activity1 and Activity2) after a standing lead-in, with
 gating on: the share of fall frames that reached the edge (of all of them, and of those the gate
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -275,8 +280,9 @@ def trial(client, keys, settings, shots, spec: Trial, tag: str) -> UpfallRun:
 
 
 def write_config(path: Path, url: str, model_dir: Path, mode: str, batch: int, ckpt: Path,
-                 extra: dict | None = None) -> Path:
-    edge = {"model": str(model_dir), "questions": [QUESTION], "batch_size": batch}
+                 extra: dict | None = None, edge_workers: int = 1) -> Path:
+    edge = {"model": str(model_dir), "questions": [QUESTION], "batch_size": batch,
+            "threads": 0 if edge_workers == 1 else max(1, (os.cpu_count() or 1) // edge_workers)}
     edge.update({"dtype": "bf16"} if mode == "bf16" else {"int8": True})
     config = {
         "redis": {"url": url},
@@ -296,9 +302,9 @@ class Roles:
     """A redis-server and the roles of one configuration (edge, alerts; more with features)."""
 
     def __init__(self, work: Path, model_dir: Path, mode: str, batch: int, ckpt: Path, features: bool,
-                 mqtt_port: int | None = None):
+                 mqtt_port: int | None = None, edge_workers: int = 1):
         self.work, self.model_dir, self.mode, self.batch, self.ckpt = work, model_dir, mode, batch, ckpt
-        self.features, self.mqtt_port = features, mqtt_port
+        self.features, self.mqtt_port, self.edge_workers = features, mqtt_port, edge_workers
 
     def __enter__(self):
         import redis
@@ -310,11 +316,11 @@ class Roles:
         self.server = EmbeddedRedis(self.work / "redis", appendonly=False).__enter__()
         extra = feature_config(self.mqtt_port) if self.features else {"switcher": {"audit_fraction": 0.0}}
         config = write_config(self.work / "upfall.yaml", self.server.url, self.model_dir, self.mode, self.batch,
-                              self.ckpt, extra)
+                              self.ckpt, extra, self.edge_workers)
         self.settings = load_settings(config)
         self.keys = Keys(self.settings.redis.key_prefix)
         self.client = redis.Redis.from_url(self.server.url)
-        self.procs = start_roles(config, self.work / "logs", self.features)
+        self.procs = start_roles(config, self.work / "logs", self.features, self.edge_workers)
         try:
             from bench_e2e import wait_for_roles
 
@@ -335,12 +341,13 @@ class Roles:
         self.server.__exit__(None, None, None)
 
 
-def start_roles(config: Path, logs: Path, features: bool) -> dict:
+def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1) -> dict:
     from bench_e2e import start_role
 
     logs.mkdir(parents=True, exist_ok=True)
-    procs = {"edge": start_role(config, logs / "edge.log", "edge", "--name", "edge-upfall"),
-             "alerts": start_role(config, logs / "alerts.log", "alerts", "--no-notify", "--name", "alerts-upfall")}
+    procs = {f"edge{i or ''}": start_role(config, logs / f"edge{i or ''}.log", "edge", "--name", f"edge-upfall{i}")
+             for i in range(edge_workers)}
+    procs["alerts"] = start_role(config, logs / "alerts.log", "alerts", "--no-notify", "--name", "alerts-upfall")
     if features:
         procs["cloud"] = start_role(config, logs / "cloud.log", "cloud", "--name", "cloud-upfall")
         procs["web"] = start_role(config, logs / "web.log", "web", "--port", "0")
@@ -394,26 +401,41 @@ class UpfallBench:
     ungated: tuple[UpfallRun, ...]
     falls: UpfallRun | None
     features: tuple[tuple[UpfallRun, UpfallRun], ...]  # (without, with) pairs
+    workers_ab: tuple[tuple[UpfallRun, UpfallRun], ...] = ()  # saturated: (one edge worker, edge_workers)
+    edge_workers: int = 1
     skipped: str = ""
 
 
 def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[UpfallRun]:
-    """``first``, then up by STEP cameras while kept up at p99 <= 1 s (halved while not)."""
+    """``first``, then up by STEP cameras while kept up at p99 <= 1 s, halving while not; once one
+    count is kept and a larger one is not, bisect between them (to within 2 cameras)."""
     from bench_e2e import discard_backlog
 
     runs = [trial(roles.client, roles.keys, roles.settings, shots, first, f"{tag}0")]
-    spec = first
+    kept, failed = (first.cameras, None) if served(runs[0]) else (0, first.cameras)
     for i in range(steps):
-        ok = runs[-1].kept_up and (runs[-1].p99_ms or 1e9) <= 1000
-        if ok != (runs[0].kept_up and (runs[0].p99_ms or 1e9) <= 1000):
-            break
-        cameras = spec.cameras + STEP if ok else max(1, spec.cameras // 2)
-        if cameras == spec.cameras:
+        cameras = next_count(kept, failed)
+        if cameras is None:
             break
         discard_backlog(roles.client, roles.keys)
-        spec = replace(spec, cameras=cameras)
-        runs.append(trial(roles.client, roles.keys, roles.settings, shots, spec, f"{tag}{i + 1}"))
+        runs.append(trial(roles.client, roles.keys, roles.settings, shots, replace(first, cameras=cameras),
+                          f"{tag}{i + 1}"))
+        kept, failed = (cameras, failed) if served(runs[-1]) else (kept, cameras)
     return runs
+
+
+def served(run: UpfallRun) -> bool:
+    return run.kept_up and (run.p99_ms or 1e9) <= 1000
+
+
+def next_count(kept: int, failed: int | None) -> int | None:
+    """The next camera count to try, given the most kept up and the fewest not (None: done)."""
+    if failed is None:
+        return kept + STEP
+    if kept == 0:
+        return failed // 2 or None
+    middle = (kept + failed) // 2
+    return middle if failed - kept > 2 else None
 
 
 def warm_up(roles, shots, batch: int) -> None:
@@ -425,13 +447,13 @@ def warm_up(roles, shots, batch: int) -> None:
 
 
 def most_kept(runs) -> UpfallRun | None:
-    kept = [r for r in runs if r.kept_up and (r.p99_ms or 1e9) <= 1000]
+    kept = [r for r in runs if served(r)]
     return max(kept, key=lambda r: r.cameras, default=None)
 
 
 def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, folder: Path = DEFAULT_UPFALL,
                gated_cameras: int = 32, ungated_cameras: int = 16, steps: int | None = None,
-               features: bool = True) -> UpfallBench:
+               features: bool = True, edge_workers: int = 1) -> UpfallBench:
     """Gated trials (with the two fall cameras) stepping from ``gated_cameras``, ungated ones from
     ``ungated_cameras``; then, at the most gated cameras kept up, plain and with-features trials
     alternating (both sets of roles loaded once, each on its own redis-server)."""
@@ -446,10 +468,12 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
     warm, window = (1.0, 5.0) if quick else (5.0, 30.0)
     steps = (0 if quick else 2) if steps is None else steps
     with ExitStack() as stack:
-        roles = stack.enter_context(Roles(work / "plain", model_dir, mode, batch, ckpt, False))
+        roles = stack.enter_context(Roles(work / "plain", model_dir, mode, batch, ckpt, False,
+                                          edge_workers=edge_workers))
         if features:
             port = stack.enter_context(mosquitto(work / "mqtt"))
-            rich = stack.enter_context(Roles(work / "features", model_dir, mode, batch, ckpt, True, port))
+            rich = stack.enter_context(Roles(work / "features", model_dir, mode, batch, ckpt, True, port,
+                                             edge_workers))
         for r in (roles, rich) if features else (roles,):
             warm_up(r, shots, batch)
         gated = step_trials(roles, shots, Trial(gated_cameras, True, warm, window, falls=True), "g", steps)
@@ -464,8 +488,29 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
                 discard_backlog(r.client, r.keys)
                 pair.append(trial(r.client, r.keys, r.settings, shots, replace(spec, features=r.features), f"{tag}{i}"))
             pairs.append(tuple(pair))
+        saturated = min((r.cameras for r in ungated if not served(r)), default=ungated_cameras + STEP)
+        ab = () if quick or edge_workers == 1 else \
+            workers_ab(stack, roles, shots, Trial(saturated, False, warm, window), work, (model_dir, mode, batch, ckpt))
     falls = max((r for r in gated if r.falls is not None), key=lambda r: (r.kept_up, r.cameras), default=None)
-    return UpfallBench(tuple(gated), tuple(ungated), falls, tuple(pairs))
+    return UpfallBench(tuple(gated), tuple(ungated), falls, tuple(pairs), ab, edge_workers)
+
+
+def workers_ab(stack: ExitStack, roles: Roles, shots, spec: Trial, work: Path, model: tuple,
+               rounds: int = 2) -> tuple[tuple[UpfallRun, UpfallRun], ...]:
+    """Frames decided per second by one edge worker with every thread against ``roles``' workers
+    (one thread each), alternating on ``spec`` (more cameras than the box keeps up: saturated)."""
+    from bench_e2e import discard_backlog
+
+    one = stack.enter_context(Roles(work / "one-worker", *model, False))
+    warm_up(one, shots, model[2])
+    pairs = []
+    for i in range(rounds):
+        pair = []
+        for tag, r in (("o", one), ("n", roles)):
+            discard_backlog(r.client, r.keys)
+            pair.append(trial(r.client, r.keys, r.settings, shots, spec, f"{tag}{i}"))
+        pairs.append(tuple(pair))
+    return tuple(pairs)
 
 
 def figures(bench: UpfallBench, machine: Machine) -> list:
@@ -478,7 +523,8 @@ def figures(bench: UpfallBench, machine: Machine) -> list:
         rows.append(figure(f"upfall.cameras_kept_up_{name}", best.cameras if best else 0, "cameras at 1 fps", machine,
                            f">= {target} at p99 <= 1000 ms" if target else "",
                            (lambda v: v >= 32) if target else None,
-                           p99_ms=best.p99_ms if best else None, runs=[asdict(r) for r in runs]))
+                           p99_ms=best.p99_ms if best else None, edge_workers=bench.edge_workers,
+                           runs=[asdict(r) for r in runs]))
     falls = (bench.falls.falls if bench.falls else None) or {}
     changed = [v["share_changed_reached"] for v in falls.values() if v["share_changed_reached"] is not None]
     rows.append(figure("upfall.fall_changed_frames_reaching_edge", min(changed) if changed else None, "share",
@@ -493,6 +539,12 @@ def figures(bench: UpfallBench, machine: Machine) -> list:
                            "<= 1.05, cameras kept up alike", lambda v: v <= 1.05 and kept,
                            cameras=bench.features[0][0].cameras, kept_up_alike=kept,
                            pairs=[[asdict(a), asdict(b)] for a, b in bench.features]))
+    if bench.workers_ab:
+        rows.append(figure("upfall.edge_workers_speedup",
+                           round(median_ratio([n.decided_per_s for _o, n in bench.workers_ab],
+                                              [o.decided_per_s for o, _n in bench.workers_ab]), 3), "x", machine,
+                           edge_workers=bench.edge_workers, cameras=bench.workers_ab[0][0].cameras,
+                           pairs=[[asdict(o), asdict(n)] for o, n in bench.workers_ab]))
     times = [v["first_fall_frame_to_verdict_s"] for v in falls.values() if v["first_fall_frame_to_verdict_s"] is not None]
     rows.append(figure("upfall.first_fall_frame_to_verdict_s", max(times) if times else None, "s", machine,
                        per_clip={k: v["first_fall_frame_to_verdict_s"] for k, v in falls.items()}))
@@ -510,11 +562,13 @@ def main() -> None:
     ap.add_argument("--features", action=argparse.BooleanOptionalAction, default=None,
                     help="the with/without features trials (default: on, off with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="step trials after the first (default 2, quick 0)")
+    ap.add_argument("--edge-workers", type=int, default=1, help="edge worker processes (threads shared out)")
     args = ap.parse_args()
     machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         bench = run_upfall(args.cache, Path(tmp), args.quick, args.mode, args.batch, args.upfall, args.gated,
-                           args.ungated, args.steps, not args.quick if args.features is None else args.features)
+                           args.ungated, args.steps, not args.quick if args.features is None else args.features,
+                           args.edge_workers)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {f.name: f.to_json() for f in figures(bench, machine)}
     (args.out / "upfall.json").write_text(json.dumps(result, indent=2, default=str))

@@ -104,7 +104,8 @@ class Suite:
 
         bench = bench_upfall.run_upfall(self.args.cache, self.work / "upfall", self.args.quick, self.edge_mode,
                                         self.latency_batch, self.args.upfall, 16 if self.args.quick else 24,
-                                        8 if self.args.quick else 12, features=not self.args.quick)
+                                        8 if self.args.quick else 12, features=not self.args.quick,
+                                        edge_workers=os.cpu_count() or 1)
         return bench_upfall.figures(bench, self.machine)
 
     def cloud(self) -> list[Figure]:

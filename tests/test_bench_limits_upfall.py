@@ -49,3 +49,17 @@ def test_missing_footage_skips_the_rows_with_the_reason(tmp_path: Path) -> None:
     assert "no UP-Fall folder" in bench.skipped
     rows = bench_upfall.figures(bench, Machine("cpu", 2, "t", "p", "g"))
     assert rows[0].value is None and "nowhere" in rows[0].details["skipped"]
+
+
+def test_camera_counts_step_up_halve_then_bisect_to_within_two() -> None:
+    def search(first: int, capacity: int) -> list[int]:
+        tried = [first]
+        kept, failed = (first, None) if first <= capacity else (0, first)
+        while (n := bench_upfall.next_count(kept, failed)) is not None:
+            tried.append(n)
+            kept, failed = (n, failed) if n <= capacity else (kept, n)
+        return tried
+
+    assert search(24, 19) == [24, 12, 18, 21, 19]  # halve once, then bisect
+    assert search(8, 30) == [8, 16, 24, 32, 28, 30]  # up by 8 until one fails
+    assert search(4, 0) == [4, 2, 1]  # nothing kept: halve down to one camera
