@@ -79,11 +79,16 @@ def write_config(path: Path, url: str, model_dir: Path, mode: str, batch: int, t
     return path
 
 
-def start_role(config: Path, log: Path, *args: str) -> subprocess.Popen:
+def start_role(config: Path, log: Path, *args: str, nice: int = 0, threads: int = 0) -> subprocess.Popen:
+    """``fallwatch -c CONFIG ARGS`` with its output in ``log``; ``nice`` and ``threads`` (OpenMP
+    threads) for a role that stands in for another machine's (the cloud worker beside the edge)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALLWATCH_")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    prefix = ["nice", "-n", str(nice)] if nice else []
     with log.open("wb") as out:
-        return subprocess.Popen([str(FALLWATCH), "-c", str(config), *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
+        return subprocess.Popen([*prefix, str(FALLWATCH), "-c", str(config), *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def stop_role(proc: subprocess.Popen) -> None:

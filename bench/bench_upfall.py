@@ -349,7 +349,9 @@ def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1)
              for i in range(edge_workers)}
     procs["alerts"] = start_role(config, logs / "alerts.log", "alerts", "--no-notify", "--name", "alerts-upfall")
     if features:
-        procs["cloud"] = start_role(config, logs / "cloud.log", "cloud", "--name", "cloud-upfall")
+        # the cloud worker stands in for the GPU box: one thread at the lowest priority, so it takes
+        # only CPU the edge box's roles leave idle
+        procs["cloud"] = start_role(config, logs / "cloud.log", "cloud", "--name", "cloud-upfall", nice=19, threads=1)
         procs["web"] = start_role(config, logs / "web.log", "web", "--port", "0")
     return procs
 
@@ -453,7 +455,7 @@ def most_kept(runs) -> UpfallRun | None:
 
 def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, folder: Path = DEFAULT_UPFALL,
                gated_cameras: int = 32, ungated_cameras: int = 16, steps: int | None = None,
-               features: bool = True, edge_workers: int = 1) -> UpfallBench:
+               features: bool = True, edge_workers: int = 1, window_s: float | None = None) -> UpfallBench:
     """Gated trials (with the two fall cameras) stepping from ``gated_cameras``, ungated ones from
     ``ungated_cameras``; then, at the most gated cameras kept up, plain and with-features trials
     alternating (both sets of roles loaded once, each on its own redis-server)."""
@@ -466,6 +468,7 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
     model_dir = full_vilt_dir(cache)
     ckpt = switcher_checkpoint(work / "switcher", str(model_dir), [QUESTION], 1536)
     warm, window = (1.0, 5.0) if quick else (5.0, 30.0)
+    window = window_s or window
     steps = (0 if quick else 2) if steps is None else steps
     with ExitStack() as stack:
         roles = stack.enter_context(Roles(work / "plain", model_dir, mode, batch, ckpt, False,
@@ -483,11 +486,8 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
         best = most_kept(gated)
         spec = Trial(best.cameras if best else gated_cameras, True, warm, window)
         for i in range(1 if quick else 2) if features else ():
-            pair = []
-            for tag, r in (("a", roles), ("b", rich)):
-                discard_backlog(r.client, r.keys)
-                pair.append(trial(r.client, r.keys, r.settings, shots, replace(spec, features=r.features), f"{tag}{i}"))
-            pairs.append(tuple(pair))
+            pairs.append(tuple(alone(r, shots, replace(spec, features=r.features), f"{tag}{i}")
+                               for tag, r in (("a", roles), ("b", rich))))
         saturated = min((r.cameras for r in ungated if not served(r)), default=ungated_cameras + STEP)
         ab = () if quick or edge_workers == 1 else \
             workers_ab(stack, roles, shots, Trial(saturated, False, warm, window), work, (model_dir, mode, batch, ckpt))
@@ -499,18 +499,23 @@ def workers_ab(stack: ExitStack, roles: Roles, shots, spec: Trial, work: Path, m
                rounds: int = 2) -> tuple[tuple[UpfallRun, UpfallRun], ...]:
     """Frames decided per second by one edge worker with every thread against ``roles``' workers
     (one thread each), alternating on ``spec`` (more cameras than the box keeps up: saturated)."""
-    from bench_e2e import discard_backlog
 
     one = stack.enter_context(Roles(work / "one-worker", *model, False))
     warm_up(one, shots, model[2])
-    pairs = []
-    for i in range(rounds):
-        pair = []
-        for tag, r in (("o", one), ("n", roles)):
-            discard_backlog(r.client, r.keys)
-            pair.append(trial(r.client, r.keys, r.settings, shots, spec, f"{tag}{i}"))
-        pairs.append(tuple(pair))
-    return tuple(pairs)
+    return tuple(tuple(alone(r, shots, spec, f"{tag}{i}") for tag, r in (("o", one), ("n", roles)))
+                 for i in range(rounds))
+
+
+def alone(roles: Roles, shots, spec: Trial, tag: str) -> UpfallRun:
+    """A trial on ``roles`` with no backlog before it, and none left after it: the roles of another
+    configuration loaded beside them stay idle while the next one is measured."""
+    from bench_e2e import discard_backlog
+
+    discard_backlog(roles.client, roles.keys)
+    try:
+        return trial(roles.client, roles.keys, roles.settings, shots, spec, tag)
+    finally:
+        discard_backlog(roles.client, roles.keys)
 
 
 def figures(bench: UpfallBench, machine: Machine) -> list:
@@ -563,12 +568,13 @@ def main() -> None:
                     help="the with/without features trials (default: on, off with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="step trials after the first (default 2, quick 0)")
     ap.add_argument("--edge-workers", type=int, default=1, help="edge worker processes (threads shared out)")
+    ap.add_argument("--window", type=float, default=None, help="seconds measured per trial (default 30, quick 5)")
     args = ap.parse_args()
     machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:
         bench = run_upfall(args.cache, Path(tmp), args.quick, args.mode, args.batch, args.upfall, args.gated,
                            args.ungated, args.steps, not args.quick if args.features is None else args.features,
-                           args.edge_workers)
+                           args.edge_workers, args.window)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {f.name: f.to_json() for f in figures(bench, machine)}
     (args.out / "upfall.json").write_text(json.dumps(result, indent=2, default=str))
