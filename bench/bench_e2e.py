@@ -104,12 +104,12 @@ def stop_role(proc: subprocess.Popen) -> None:
 def wait_for_roles(client, keys, procs: dict[str, subprocess.Popen], logs: Path, timeout_s: float = 120) -> None:
     """Until every role has a heartbeat (it is loaded and serving); a role that exits is an error."""
     deadline = time.monotonic() + timeout_s
+    kinds = Counter(role.rstrip("0123456789") for role in procs)  # edge, edge1: two edge workers
     while time.monotonic() < deadline:
         for role, proc in procs.items():
             if proc.poll() is not None:
                 tail = (logs / f"{role}.log").read_text()[-3000:]
                 raise RuntimeError(f"{role} exited with {proc.returncode}:\n{tail}")
-        kinds = Counter(role.rstrip("0123456789") for role in procs)  # edge, edge1: two edge workers
         if all(len(client.keys(keys.heartbeat_pattern(kind))) >= n for kind, n in kinds.items()):
             return
         time.sleep(0.2)

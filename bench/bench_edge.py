@@ -321,7 +321,6 @@ class WorkerBench:
         finally:
             for proc in procs:
                 proc.join(30)
-        self.runs += 1
         self.client.flushdb()
         return runs
 

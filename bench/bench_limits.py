@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import bench_start, edge_options, Machine, figure
+from common import bench_start, edge_options, Machine, figure, median_ratio
 
 MATRIX_OPS = ("linear", "matmul", "conv2d")
 GEMM_MODES = ("fp32", "bf16", "int8")
@@ -210,7 +210,10 @@ class Limits:
     cores: int = 1
     # one worker per core, one thread each: (cores x the one-thread bound, the workers' frames/s together)
     per_core_pairs: tuple[tuple[float, float], ...] = ()
-    per_core_fraction: float | None = None
+
+    @property
+    def per_core_fraction(self) -> float:
+        return round(median_ratio([w for _b, w in self.per_core_pairs], [b for b, _w in self.per_core_pairs]), 3)
 
 
 def run_limits(models: dict, mode: str, batch: int, work: Path, quick: bool) -> Limits:
@@ -220,7 +223,7 @@ def run_limits(models: dict, mode: str, batch: int, work: Path, quick: bool) -> 
     import statistics
 
     from bench_edge import decoded, worker_bench
-    from common import median_ratio, scene_jpegs
+    from common import scene_jpegs
 
     images = decoded(scene_jpegs(8))
     batch_images = [images[i % len(images)] for i in range(batch)]
@@ -240,24 +243,19 @@ def run_limits(models: dict, mode: str, batch: int, work: Path, quick: bool) -> 
     split |= {"worker_s": round(worker_s, 5), "bound_s": round(1 / statistics.median(b for b, _w in pairs), 5),
               "outside_model_s": round(worker_s * outside, 5)}
     fraction = median_ratio([w for _b, w in pairs], [b for b, _w in pairs])
-    core_fraction = round(median_ratio([w for _b, w in per_core], [b for b, _w in per_core]), 3) if per_core else None
     return Limits(mode, batch, tuple(asdict(p) | {"flops": p.flops} for p in products),
                   sum(p.flops for p in products) // batch, counted // batch, bounds, tuple(pairs), round(outside, 4),
-                  round(fraction, 3), split, cores, tuple(per_core), core_fraction)
+                  round(fraction, 3), split, cores, tuple(per_core))
 
 
 def per_core_pair(bench, products: list[Product], mode: str, batch: int, cores: int,
                   budget_s: float) -> tuple[float, float]:
     """(``cores`` x the bound measured on one thread, frames/s of one single-thread worker per core
     together: all their frames over the longest run)."""
-    import torch
+    from switcher.model import single_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         bound = cores * mode_bound(products, mode, batch, budget_s).bound_frames_per_s
-    finally:
-        torch.set_num_threads(threads)
     runs = bench.run_per_core(cores)
     return round(bound, 2), round(sum(r.frames for r in runs) / max(r.seconds for r in runs), 2)
 
@@ -269,16 +267,18 @@ def figures(lim: Limits, machine: Machine) -> list:
     for b in lim.bounds:
         rows.append(figure(f"limits.gemm_gflops_{b.mode}", b.gemm_gflops, "GFLOP/s", machine, batch=lim.batch,
                            **asdict(b)))
-    one = {"pairs_bound_worker_frames_per_s": [list(p) for p in lim.pairs], "seconds_per_frame": lim.split,
-           "worker_share_outside_model": lim.worker_share_outside_model}
-    if lim.per_core_fraction is not None:  # the edge as deployed: one single-thread worker per core
-        rows.append(figure("limits.edge_fraction_of_bound", lim.per_core_fraction, "ratio", machine, ">= 0.85",
-                           lambda v: v >= 0.85, mode=lim.mode, batch=lim.batch, workers=lim.cores, threads_each=1,
-                           pairs_bound_workers_frames_per_s=[list(p) for p in lim.per_core_pairs]))
-    headline = lim.per_core_fraction is None
-    rows.append(figure("limits.edge_fraction_of_bound" if headline else "limits.edge_fraction_of_bound_one_worker",
-                       lim.fraction_of_bound, "ratio", machine, ">= 0.85" if headline else "",
-                       (lambda v: v >= 0.85) if headline else None, mode=lim.mode, batch=lim.batch, workers=1, **one))
+    fractions = [("_one_worker", lim.fraction_of_bound,
+                  {"workers": 1, "pairs_bound_worker_frames_per_s": [list(p) for p in lim.pairs],
+                   "seconds_per_frame": lim.split, "worker_share_outside_model": lim.worker_share_outside_model})]
+    if lim.per_core_pairs:  # the edge as deployed, one single-thread worker per core, is the headline
+        fractions.insert(0, ("", lim.per_core_fraction, {
+            "workers": lim.cores, "threads_each": 1,
+            "pairs_bound_workers_frames_per_s": [list(p) for p in lim.per_core_pairs]}))
+    for i, (suffix, value, details) in enumerate(fractions):
+        headline = i == 0
+        rows.append(figure("limits.edge_fraction_of_bound" + ("" if headline else suffix), value, "ratio", machine,
+                           ">= 0.85" if headline else "", (lambda v: v >= 0.85) if headline else None,
+                           mode=lim.mode, batch=lim.batch, **details))
     return rows
 
 

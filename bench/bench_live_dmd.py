@@ -484,7 +484,6 @@ def run_bench(work: Path, quick: bool) -> dict:
 
 
 def main() -> None:
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for live_dmd.json, .md and .png")
     ap.add_argument("--quick", action="store_true", help="about 3500 frames at 10%% audits instead of 26000 at 2%%")

@@ -173,12 +173,9 @@ def read_frames(worker, frames: int, ack_alone: bool = False) -> float:
     client, keys, done, unacked = worker.client, worker.keys, 0, []
     start = time.perf_counter()
     while done < frames:
-        if ack_alone and unacked:
-            client.xack(keys.frames_stream(), keys.edge_group(), *unacked)
-            unacked = []
         pipe = client.pipeline(transaction=False)
         if unacked:
-            pipe.xack(keys.frames_stream(), keys.edge_group(), *unacked)
+            (client if ack_alone else pipe).xack(keys.frames_stream(), keys.edge_group(), *unacked)
         pipe.xreadgroup(keys.edge_group(), worker.name, {keys.frames_stream(): ">"}, count=worker.cfg.batch_size,
                         block=1000)
         entries = [entry for _stream, batch in (pipe.execute()[-1] or []) for entry in batch]

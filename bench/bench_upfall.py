@@ -411,17 +411,13 @@ class UpfallBench:
 def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[UpfallRun]:
     """``first``, then up by STEP cameras while kept up at p99 <= 1 s, halving while not; once one
     count is kept and a larger one is not, bisect between them (to within 2 cameras)."""
-    from bench_e2e import discard_backlog
-
-    runs = [trial(roles.client, roles.keys, roles.settings, shots, first, f"{tag}0")]
+    runs = [alone(roles, shots, first, f"{tag}0")]
     kept, failed = (first.cameras, None) if served(runs[0]) else (0, first.cameras)
     for i in range(steps):
         cameras = next_count(kept, failed)
         if cameras is None:
             break
-        discard_backlog(roles.client, roles.keys)
-        runs.append(trial(roles.client, roles.keys, roles.settings, shots, replace(first, cameras=cameras),
-                          f"{tag}{i + 1}"))
+        runs.append(alone(roles, shots, replace(first, cameras=cameras), f"{tag}{i + 1}"))
         kept, failed = (cameras, failed) if served(runs[-1]) else (kept, cameras)
     return runs
 
@@ -442,10 +438,7 @@ def next_count(kept: int, failed: int | None) -> int | None:
 
 def warm_up(roles, shots, batch: int) -> None:
     """A few batches of the footage through the edge (its first passes at 640x480 are slow), unmeasured."""
-    from bench_e2e import discard_backlog
-
-    trial(roles.client, roles.keys, roles.settings, shots, Trial(2 * batch, False, 0.0, 2.0), "w")
-    discard_backlog(roles.client, roles.keys)
+    alone(roles, shots, Trial(2 * batch, False, 0.0, 2.0), "w")
 
 
 def most_kept(runs) -> UpfallRun | None:
@@ -459,8 +452,6 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
     """Gated trials (with the two fall cameras) stepping from ``gated_cameras``, ungated ones from
     ``ungated_cameras``; then, at the most gated cameras kept up, plain and with-features trials
     alternating (both sets of roles loaded once, each on its own redis-server)."""
-    from bench_e2e import discard_backlog
-
     try:
         shots = footage(folder, FPS, 2.0 if quick else LEAD_IN_S)
     except FileNotFoundError as exc:
@@ -480,7 +471,6 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
         for r in (roles, rich) if features else (roles,):
             warm_up(r, shots, batch)
         gated = step_trials(roles, shots, Trial(gated_cameras, True, warm, window, falls=True), "g", steps)
-        discard_backlog(roles.client, roles.keys)
         ungated = step_trials(roles, shots, Trial(ungated_cameras, False, warm, window), "u", steps)
         pairs = []
         best = most_kept(gated)
@@ -499,7 +489,6 @@ def workers_ab(stack: ExitStack, roles: Roles, shots, spec: Trial, work: Path, m
                rounds: int = 2) -> tuple[tuple[UpfallRun, UpfallRun], ...]:
     """Frames decided per second by one edge worker with every thread against ``roles``' workers
     (one thread each), alternating on ``spec`` (more cameras than the box keeps up: saturated)."""
-
     one = stack.enter_context(Roles(work / "one-worker", *model, False))
     warm_up(one, shots, model[2])
     return tuple(tuple(alone(r, shots, spec, f"{tag}{i}") for tag, r in (("o", one), ("n", roles)))

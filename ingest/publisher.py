@@ -3,8 +3,9 @@
 One pipelined round trip (a MULTI/EXEC transaction, all or nothing) per item: XADD, the camera's
 counters and its ``last_frame_at``. A publisher that is behind (more sampled frames already waiting
 in its buffer) queues up to ``ingest.write_batch`` items and writes them in one round trip; a frame
-with nothing behind it is written at once, so batching never adds latency. A Redis outage is waited out with capped backoff (the same item is retried);
-meanwhile the live buffer in front drops its oldest frames. A Redis that refuses writes (out of
+with nothing behind it is written at once, so batching never adds latency. A Redis outage is
+waited out with capped backoff (the same items are retried); meanwhile the live buffer in front
+drops its oldest frames. A Redis that refuses writes (out of
 memory: ``maxmemory`` under ``noeviction``) is not waited for: the item is dropped and counted
 here, and the count reaches ``ingest:<id>:oom`` with the first write Redis takes again.
 
