@@ -56,7 +56,7 @@ class Site:
         from fallwatch.keys import Keys
         from fallwatch.settings import Settings
 
-        base = {"redis": {"url": url}, "metrics": {"heartbeat_s": 1.0}}
+        base = {"redis": {"url": url}, "metrics": {"heartbeat_s": 1.0}, "edge": {"block_ms": 50}}
         for section, values in overrides.items():
             base[section] = {**base.get(section, {}), **values}
         self.url, self.settings, self.keys = url, Settings(**base), Keys()
@@ -276,13 +276,14 @@ class BudgetBench:
 
 
 def run_budget(work: Path, quick: bool) -> BudgetBench:
-    duration = 3.0 if quick else 15.0
+    # quick: runs of 1.5 s, and a cloud timeout of 1 s so that the slow cloud's queue still outgrows it
+    duration, timeout_s = (1.5, 1.0) if quick else (15.0, 2.0)
     shift = run_shift(work, quick)
     hard = run_hard_case(work, "hard", duration, demand_per_s=120, low_share=0.5, fall_share=0.5, rate=20,
                          burst_s=2.0, reserve=0.25)
     prio = run_hard_case(work, "priority", duration, demand_per_s=120, low_share=0.2, fall_share=0.5, rate=20,
                          burst_s=1.0, reserve=0.5)
-    timeout_s, item_s = (2.0, 0.05)
+    item_s = 0.05
     slow = {"cloud_timeout_s": timeout_s, "item_s": item_s, "normal_item_s": item_s / 5,
             "demand_per_s": 40, "capacity_per_s": round(1 / item_s, 1)}
     for bp in (False, True):
@@ -309,7 +310,7 @@ def figures(b: BudgetBench, machine: Machine) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for budget.json and budget.md")
-    ap.add_argument("--quick", action="store_true", help="3-second runs and a 3000-item shift")
+    ap.add_argument("--quick", action="store_true", help="1.5-second runs and a 3000-item shift")
     args = ap.parse_args()
     from fallwatch import logging as fw_logging
 

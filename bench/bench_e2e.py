@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,9 +92,13 @@ def start_role(config: Path, log: Path, *args: str, nice: int = 0, threads: int 
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-def stop_role(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def stop_roles(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM to every role at once, then wait for each (killed after 20 s): they shut down side by side."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -306,8 +311,7 @@ def run_e2e(cache: Path, work: Path, quick: bool, mode: str, batch: int, cameras
                 discard_backlog(client, keys)
                 spec = Trial(more, fps, spec.warmup_s, spec.window_s)
         finally:
-            for proc in procs.values():
-                stop_role(proc)
+            stop_roles(procs.values())
             client.close()
     return runs
 

@@ -332,10 +332,9 @@ class Roles:
         return self
 
     def __exit__(self, *exc) -> None:
-        from bench_e2e import stop_role
+        from bench_e2e import stop_roles
 
-        for proc in getattr(self, "procs", {}).values():
-            stop_role(proc)
+        stop_roles(getattr(self, "procs", {}).values())
         if hasattr(self, "client"):
             self.client.close()
         self.server.__exit__(None, None, None)

@@ -8,6 +8,7 @@ holds, the load average (1, 5, 15 minutes) when it was measured, the machine and
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -199,7 +200,13 @@ def switcher_checkpoint(out: Path, edge_model_id: str, questions: Sequence[str],
 
 
 def scene_jpegs(n: int, size: int = 640, quality: int = 85, seed: int = 0) -> list[bytes]:
-    """``n`` different camera-like rooms with people (``fallwatch.synth``), JPEG-encoded as ingest does."""
+    """``n`` different camera-like rooms with people (``fallwatch.synth``), JPEG-encoded as ingest does
+    (drawn once per process: the sections of one suite run share them)."""
+    return list(_scene_jpegs(n, size, quality, seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _scene_jpegs(n: int, size: int, quality: int, seed: int) -> tuple[bytes, ...]:
     from fallwatch.synth import make_scene
     from ingest.jpeg import encode_jpeg
 
@@ -209,4 +216,4 @@ def scene_jpegs(n: int, size: int = 640, quality: int = 85, seed: int = 0) -> li
         rgb = make_scene(rng, size).image
         noisy = np.clip(rgb.astype(np.int16) + rng.normal(0, 4, rgb.shape).astype(np.int16), 0, 255)  # sensor noise
         out.append(encode_jpeg(noisy.astype(np.uint8), quality, 1280).data)
-    return out
+    return tuple(out)
