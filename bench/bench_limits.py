@@ -1,8 +1,8 @@
 """The edge's limit on this machine, measured in the same run as the edge worker.
 
 * ``flops``: the FLOPs of one edge frame as the project runs it, counted: every matrix product
-  (``aten.linear``, ``aten.matmul``, the patch convolution) that ``EdgeModel.score`` dispatches on a
-  batch of 640x640 frames is recorded with its shapes (a ``TorchDispatchMode``) and checked against
+  (``aten.linear``, the attention's ``aten.bmm`` and ``aten.baddbmm``, the patch convolution)
+  that ``EdgeModel.score`` dispatches on a batch of 640x640 frames is recorded with its shapes (a ``TorchDispatchMode``) and checked against
   ``torch.utils.flop_counter.FlopCounterMode``'s total.
 * ``gemm``: the machine's throughput on exactly those shapes at the edge batch size, for each
   mode: fp32, bf16 (weights and activations, as ``edge.dtype: bf16``) and int8 (dynamic
@@ -35,6 +35,7 @@ from pathlib import Path
 from common import bench_start, edge_options, Machine, figure, median_ratio
 
 MATRIX_OPS = ("linear", "matmul", "conv2d")
+BATCHED = ("bmm", "baddbmm")  # batched matrix products, recorded as "matmul"
 GEMM_MODES = ("fp32", "bf16", "int8")
 
 
@@ -57,8 +58,8 @@ def op_shape(op: str, args: tuple) -> tuple[int, ...]:
         x, w = args[0], args[1]
         bias = len(args) > 2 and args[2] is not None
         return math.prod(x.shape[:-1]), x.shape[-1], w.shape[0], int(bias)
-    if op == "matmul":
-        a, b = args[0], args[1]
+    if op == "matmul":  # matmul(a, b), bmm(a, b), baddbmm(bias, a, b)
+        a, b = args[-2], args[-1]
         return math.prod(a.shape[:-2]), a.shape[-2], a.shape[-1], b.shape[-1]
     x, w, stride = args[0], args[1], args[3]
     return (*x.shape, w.shape[0], w.shape[2], w.shape[3], int(stride[0]))
@@ -83,6 +84,7 @@ def record_products(model, images: list) -> tuple[list[Product], int]:
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0]
+            name = "matmul" if name in BATCHED else name
             if name in MATRIX_OPS:
                 seen[(name, op_shape(name, args))] += 1
             return func(*args, **(kwargs or {}))
@@ -185,7 +187,8 @@ def profile_split(model, images: list) -> dict[str, float]:
     matrix = other = 0.0
     for ev in prof.key_averages():
         name = ev.key.split("::")[-1]
-        is_matrix = name in ("mm", "addmm", "bmm", "linear_dynamic", "mkldnn_convolution", "convolution_overrideable")
+        is_matrix = name in ("mm", "addmm", "bmm", "baddbmm", "linear_dynamic", "mkldnn_convolution",
+                             "convolution_overrideable")
         if is_matrix:
             matrix += ev.self_cpu_time_total / 1e6
         else:

@@ -10,7 +10,9 @@ The model runs once per question: ``vilt`` → ``classifier[:3]`` → ``classifi
 and logits come from the same forward pass. That pass sees the question's real tokens only (not
 its padding) and computes the last encoder layer for the first token only, the one the pooler
 reads: the same pooled output as ViLT's own forward pass (checked on every load; if it differs,
-ViLT's forward is used) for about a quarter less compute on a 640x640 frame (docs/benchmarks.md).
+ViLT's forward is used) for about a quarter less compute on a 640x640 frame; each layer's attention
+runs one frame at a time on views of its projections, without the copies into head-major order
+that ViLT's own attention makes (docs/benchmarks.md).
 Scores are reproducible bit for bit. Images of different sizes in one batch are padded by the
 image processor and masked with ``pixel_mask``; a batch scores like its items one by one (within
 float tolerance).
@@ -203,35 +205,52 @@ class EdgeModel:
 
 def pooled_output(vilt: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                   pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``ViltModel(...).pooler_output``, with the last encoder layer computed for the first token
-    only: the pooler reads nothing else, and the other tokens' attention and MLP in that layer are
-    about 7% of the forward pass."""
+    """``ViltModel(...).pooler_output``, computed by :func:`_layer` (the same layer without its
+    attention's copies), with the last encoder layer computed for the first token only: the pooler
+    reads nothing else, and the other tokens' attention and MLP in that layer are about 7% of the
+    forward pass."""
     hidden, mask = vilt.embeddings(input_ids, attention_mask, token_type_ids, pixels["pixel_values"],
                                    pixels["pixel_mask"], None, None, image_token_type_idx=1)
     additive = None  # every token attends to every token: no mask to add
     if not bool(mask.all()):
-        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        additive = (1.0 - mask[:, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (B, 1, L)
     *layers, last = vilt.encoder.layer
     for layer in layers:
-        hidden = layer(hidden, additive)[0]
-    return vilt.pooler(vilt.layernorm(_first_token_layer(last, hidden, additive)))
+        hidden = _layer(layer, hidden, additive)
+    return vilt.pooler(vilt.layernorm(_layer(last, hidden, additive, first_only=True)))
 
 
-def _first_token_layer(layer: Any, hidden: torch.Tensor, additive_mask: torch.Tensor | None) -> torch.Tensor:
-    """A ViltLayer's output for token 0 only, (B, 1, H): its query attends to every token."""
-    attn = layer.attention.attention
+def _layer(layer: Any, hidden: torch.Tensor, additive_mask: torch.Tensor | None,
+           first_only: bool = False) -> torch.Tensor:
+    """A ViltLayer's output (B, L, H), or for token 0 only (B, 1, H) when ``first_only``: its query
+    attends to every token."""
     x = layer.layernorm_before(hidden)
+    residual = hidden[:, :1] if first_only else hidden
+    h = layer.attention.output(_attention(layer.attention.attention, x, additive_mask, first_only), None) + residual
+    return layer.output(layer.intermediate(layer.layernorm_after(h)), h)
+
+
+def _attention(attn: Any, x: torch.Tensor, additive_mask: torch.Tensor | None, first_only: bool) -> torch.Tensor:
+    """ViltSelfAttention's context (B, Lq, H), one frame at a time: each frame's query, key and value
+    are read as (heads, tokens, head size) views of the projections, so that the two batched products
+    run on them as they are. The batched 4-D ``matmul`` copies all three, and the context, into
+    head-major order first; that copying was about 6% of a 640x640 frame's time, and more at 640x480.
+    The 1/sqrt(head size) scale and the padding mask ride the first product (``baddbmm``)."""
     batch, length, width = x.shape
-    head = attn.attention_head_size
-    query = attn.query(x[:, :1]).view(batch, 1, -1, head).transpose(1, 2)
-    key = attn.key(x).view(batch, length, -1, head).transpose(1, 2)
-    value = attn.value(x).view(batch, length, -1, head).transpose(1, 2)
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head)
-    if additive_mask is not None:
-        scores = scores + additive_mask
-    context = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).reshape(batch, 1, width)
-    first = layer.attention.output(context, None) + hidden[:, :1]
-    return layer.output(layer.intermediate(layer.layernorm_after(first)), first)
+    heads, size = attn.num_attention_heads, attn.attention_head_size
+    query = attn.query(x[:, :1] if first_only else x)
+    key, value = attn.key(x), attn.value(x)
+    queries = query.shape[1]
+    no_mask = x.new_zeros(1, 1, 1)  # beta=0: not even read
+    context = x.new_empty(batch, queries, heads, size)
+    for b in range(batch):
+        mask = no_mask if additive_mask is None else additive_mask[b].expand(heads, queries, length)
+        scores = torch.baddbmm(mask, query[b].view(queries, heads, size).transpose(0, 1),
+                               key[b].view(length, heads, size).permute(1, 2, 0),
+                               beta=0.0 if additive_mask is None else 1.0, alpha=1 / math.sqrt(size))
+        probs = torch.softmax(scores, dim=-1)
+        context[b] = torch.bmm(probs, value[b].view(length, heads, size).transpose(0, 1)).transpose(0, 1)
+    return context.view(batch, queries, width)
 
 
 def answer_ids(config: Any, model_id: str) -> tuple[int, int]:
