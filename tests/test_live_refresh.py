@@ -17,7 +17,7 @@ from switcher.model import Switcher, SwitcherConfig, read_card, write_card
 from switcher.planted import Planted, Rule, planted
 from switcher.publish import current_version, history, publish
 from switcher.records import DmdMeta, write_arrays
-from switcher.refresh import outcome_labels, refresh, weighted_threshold
+from switcher.refresh import Score, _better, more_errors_p, outcome_labels, refresh, weighted_threshold
 from switcher.train import train_switcher
 from tests.faults import fallwatch
 
@@ -119,3 +119,14 @@ def test_caregiver_outcomes_are_ground_truth(r, keys) -> None:
                         outcome=outcome)
         r.xadd(keys.alerts_stream(), encode(ev))
     assert outcome_labels(r, keys) == {"cam1:1": True, "cam1:2": True, "cam1:7": False}
+
+
+def test_ground_truth_refuses_a_challenger_only_when_it_is_significantly_worse() -> None:
+    # McNemar's exact test on the items only one of the two gets wrong: binomial tails at 1/2
+    assert more_errors_p(0, 0) == 1.0 and more_errors_p(3, 0) == 0.125 and more_errors_p(5, 0) == 1 / 32
+    assert more_errors_p(15, 10) == pytest.approx(0.2122, abs=1e-4)
+    champion = Score("cp", 0.5, 0.3, 0.26, 893, 47)
+    challenger = Score("ch", 0.5, 0.3, 0.79, 893, 52)
+    assert _better(challenger, champion, 0.02, more_errors_p(15, 10))  # 5 more errors of 893: noise
+    assert not _better(challenger, champion, 0.02, more_errors_p(20, 5))  # 15 more: not chance
+    assert not _better(Score("ch", 0.5, 0.3, 0.27, 893, 40), champion, 0.02, 1.0)  # catches too little more
