@@ -2,8 +2,8 @@
 
 * ``flops``: the FLOPs of one edge frame as the project runs it, counted: every matrix product
   (``aten.linear``, the attention's ``aten.bmm`` and ``aten.baddbmm``, the patch convolution)
-  that ``EdgeModel.score`` dispatches on a batch of 640x640 frames is recorded with its shapes (a ``TorchDispatchMode``) and checked against
-  ``torch.utils.flop_counter.FlopCounterMode``'s total.
+  that ``EdgeModel.score`` dispatches on a batch of 640x640 frames is recorded with its shapes
+  (a ``TorchDispatchMode``) and checked against ``torch.utils.flop_counter.FlopCounterMode``'s total.
 * ``gemm``: the machine's throughput on exactly those shapes at the edge batch size, for each
   mode: fp32, bf16 (weights and activations, as ``edge.dtype: bf16``) and int8 (dynamic
   quantised ``Linear`` as ``edge.int8``; attention products and the convolution stay fp32 there).

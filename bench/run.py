@@ -151,18 +151,30 @@ def run_sections(suite: Suite, names: list[str]) -> tuple[list[Figure], dict[str
     figures, seconds = [], {}
     beside = beside_of(names, suite.args.quick)
     for name in tqdm([n for n in names if n not in beside.values()], desc="bench suite", unit="section"):
-        start = time.perf_counter()
         section: Callable[[], list[Figure]] = getattr(suite, name)
         if name in beside:
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                other = pool.submit(run_one, suite.args, suite.work, suite.machine, beside[name])
-                figures += section()
-                other_figures, seconds[beside[name]] = other.result()
-            figures += other_figures
-        else:
-            figures += section()
-        seconds[name] = round(time.perf_counter() - start, 1)
+            section = with_beside(suite, section, beside[name], seconds)
+        own, seconds[name] = timed(section)
+        figures += own
     return figures, seconds
+
+
+def with_beside(suite: Suite, section: Callable[[], list[Figure]], other: str,
+                seconds: dict[str, float]) -> Callable[[], list[Figure]]:
+    """``section`` with section ``other`` running beside it in a spawned process: both sets of figures."""
+    def both() -> list[Figure]:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            future = pool.submit(run_one, suite.args, suite.work, suite.machine, other)
+            own = section()
+            other_figures, seconds[other] = future.result()
+        return own + other_figures
+    return both
+
+
+def timed(section: Callable[[], list[Figure]]) -> tuple[list[Figure], float]:
+    start = time.perf_counter()
+    figures = section()
+    return figures, round(time.perf_counter() - start, 1)
 
 
 def beside_of(names: list[str], quick: bool) -> dict[str, str]:
@@ -177,9 +189,7 @@ def run_one(args: argparse.Namespace, work: Path, machine: Machine, name: str) -
     from fallwatch import logging as fw_logging
 
     fw_logging.configure("error", "console")
-    start = time.perf_counter()
-    figures = getattr(Suite(args, work, machine), name)()
-    return figures, round(time.perf_counter() - start, 1)
+    return timed(getattr(Suite(args, work, machine), name))
 
 
 def main() -> None:

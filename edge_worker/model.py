@@ -241,13 +241,12 @@ def _attention(attn: Any, x: torch.Tensor, additive_mask: torch.Tensor | None, f
     query = attn.query(x[:, :1] if first_only else x)
     key, value = attn.key(x), attn.value(x)
     queries = query.shape[1]
-    no_mask = x.new_zeros(1, 1, 1)  # beta=0: not even read
+    beta = 0.0 if additive_mask is None else 1.0  # beta=0: the zeros are not even read
+    mask = x.new_zeros(batch, 1, 1) if additive_mask is None else additive_mask  # (B, 1, 1 or L): broadcast
     context = x.new_empty(batch, queries, heads, size)
     for b in range(batch):
-        mask = no_mask if additive_mask is None else additive_mask[b].expand(heads, queries, length)
-        scores = torch.baddbmm(mask, query[b].view(queries, heads, size).transpose(0, 1),
-                               key[b].view(length, heads, size).permute(1, 2, 0),
-                               beta=0.0 if additive_mask is None else 1.0, alpha=1 / math.sqrt(size))
+        scores = torch.baddbmm(mask[b], query[b].view(queries, heads, size).transpose(0, 1),
+                               key[b].view(length, heads, size).permute(1, 2, 0), beta=beta, alpha=1 / math.sqrt(size))
         probs = torch.softmax(scores, dim=-1)
         context[b] = torch.bmm(probs, value[b].view(length, heads, size).transpose(0, 1)).transpose(0, 1)
     return context.view(batch, queries, width)

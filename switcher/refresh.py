@@ -76,14 +76,15 @@ class Score:
 
 
 def score_on(agreement: np.ndarray, hold: LiveData, fraction: float, labels: np.ndarray | None,
-             version: str | None) -> Score:
+             version: str | None) -> tuple[Score, np.ndarray]:
+    """The switcher's score, and per held-out item with ground truth whether its combined verdict is wrong."""
     w = hold.weights
     t = weighted_threshold(agreement, w, fraction)
     sent = agreement < t
     disagree = ~hold.data.agree
     catch = float((w * (sent & disagree)).sum() / max((w * disagree).sum(), 1e-12))
     wrong = combined_wrong(sent, hold, labels)
-    return Score(version, t, float((w * sent).sum() / w.sum()), catch, len(wrong), int(wrong.sum()))
+    return Score(version, t, float((w * sent).sum() / w.sum()), catch, len(wrong), int(wrong.sum())), wrong
 
 
 def combined_wrong(sent: np.ndarray, hold: LiveData, labels: np.ndarray | None) -> np.ndarray:
@@ -234,13 +235,11 @@ def refresh(client: Any, keys: Keys, settings: Settings, promote: bool = False, 
     out = Path(out or settings.dmd.checkpoints_dir / f"refresh-{time.strftime('%Y%m%dT%H%M%S')}")
     challenger = calibrate_challenger(out, train_challenger(train, val, out, seed, epochs), train, target)
     labels = truth(hold, outcome_labels(client, keys))
-    ch_agreement = challenger.agreement(hold.data.features)
-    ch = score_on(ch_agreement, hold, target, labels, challenger.version)
+    ch, ch_wrong = score_on(challenger.agreement(hold.data.features), hold, target, labels, challenger.version)
     cp, discordant = None, (0, 0)
     if champ is not None:
-        cp_agreement = champ.agreement(hold.data.features)
-        cp = score_on(cp_agreement, hold, target, labels, champ.version)
-        discordant = _discordant(ch_agreement < ch.threshold, cp_agreement < cp.threshold, hold, labels)
+        cp, cp_wrong = score_on(champ.agreement(hold.data.features), hold, target, labels, champ.version)
+        discordant = int((ch_wrong & ~cp_wrong).sum()), int((cp_wrong & ~ch_wrong).sum())
     p = more_errors_p(*discordant)
     report = RefreshReport(len(live.records), len(train.records), len(val.records), len(hold.records), target,
                            settings.dmd.refresh_margin, cp, ch, str(out),
@@ -253,11 +252,6 @@ def refresh(client: Any, keys: Keys, settings: Settings, promote: bool = False, 
     log.info("switcher_refresh", promoted=report.promoted, better=report.better, challenger_catch=ch.catch,
              champion_catch=None if cp is None else cp.catch, budget=target)
     return report
-
-
-def _discordant(ch_sent: np.ndarray, cp_sent: np.ndarray, hold: LiveData, labels: np.ndarray | None) -> tuple[int, int]:
-    ch_wrong, cp_wrong = combined_wrong(ch_sent, hold, labels), combined_wrong(cp_sent, hold, labels)
-    return int((ch_wrong & ~cp_wrong).sum()), int((cp_wrong & ~ch_wrong).sum())
 
 
 def _better(ch: Score, cp: Score | None, margin: float, more_errors: float) -> bool:
