@@ -286,7 +286,7 @@ def run_e2e(cache: Path, work: Path, quick: bool, mode: str, batch: int, cameras
     from fallwatch.redis import EmbeddedRedis
     from fallwatch.settings import load_settings
 
-    spec = Trial(cameras, fps, 2.0 if quick else 5.0, seconds or (5.0 if quick else 30.0))
+    spec = Trial(cameras, fps, 2.0 if quick else 5.0, seconds or (3.0 if quick else 30.0))
     model_dir = full_vilt_dir(cache)
     ckpt = switcher_checkpoint(work / "switcher", str(model_dir), [QUESTION], 1536)
     items = folder_items(images) if images else image_items(work / "frames", scene_jpegs(32))
@@ -340,7 +340,7 @@ def figures(runs: list[E2ERun], machine: Machine) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for e2e.json")
-    ap.add_argument("--quick", action="store_true", help="5 s window instead of 30 s")
+    ap.add_argument("--quick", action="store_true", help="3 s window instead of 30 s")
     edge_options(ap)
     ap.add_argument("--threads", type=int, default=0, help="edge.threads (0: torch default)")
     ap.add_argument("--cameras", type=int, default=16, help="replayed cameras at 1 fps")

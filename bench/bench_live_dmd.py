@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from common import bench_start, Machine, figure
@@ -183,11 +184,12 @@ class Producer:
     def run(self) -> None:
         from fallwatch.schemas import FrameMessage, encode
 
-        chunk = max(1, self.rate // 20)
+        chunk, due = max(1, self.rate // 20), time.monotonic()
         while not self.stop.is_set():
             end = min(self.upto, self.pushed + chunk, len(self.t.labels))
             if end <= self.pushed:
                 self.stop.wait(0.02)
+                due = time.monotonic()  # the rate counts from when frames may go again
                 continue
             pipe = self.client.pipeline(transaction=False)
             for i in range(self.pushed, end):
@@ -195,8 +197,16 @@ class Producer:
                                         width=64, height=32, gt_fall=bool(self.t.labels[i]))
                 pipe.xadd(self.keys.frames_stream(), encode(msg, [index_jpeg(i)]))
             pipe.execute()
+            due += (end - self.pushed) / self.rate  # a schedule, not a pause: the pushing takes time too
             self.pushed = end
-            self.stop.wait(chunk / self.rate)
+            self.stop.wait(max(0.0, due - time.monotonic()))
+
+
+def caught_up(client, keys, frames: int) -> bool:
+    """Whether ``frames`` frames have their final verdict and no cloud job (offload, audit) waits."""
+    from fallwatch.streams import job_queue
+
+    return client.xlen(keys.final_stream()) >= frames and job_queue(client, keys.cloud_queue()).count == 0
 
 
 def frame_index(frame_id: str, cameras: int) -> int:
@@ -219,7 +229,7 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
     import redis
 
     from alerts.drift import SITE
-    from alerts.service import AlertsService
+    from bench_e2e import start_role, stop_roles, wait_for_roles
     from cloud_worker.worker import build_worker, run
     from edge_worker.worker import EdgeWorker
     from fallwatch import dmd_store
@@ -239,28 +249,35 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
     with EmbeddedRedis(work / "redis", appendonly=False) as server:
         client = redis.Redis.from_url(server.url)
         keys = Keys("live")
-        settings = Settings(
-            redis={"url": server.url, "key_prefix": "live"},
-            edge={"batch_size": 16, "block_ms": 50},
-            switcher={"audit_fraction": plan.audit_fraction, "audit_seed": "bench"},
-            cloud={"batch_size": 32}, alerts={"cloud_timeout_s": 600},
-            ingest={"pixels_ttl_s": 3600},
-            dmd={"drift_window": 200, "drift_min_audits": 50, "reload_check_s": 0.5, "features_ttl_s": 3600,
-                 "checkpoints_dir": str(work / "switchers")},
-            metrics={"enabled": False},
-        )
+        config = {
+            "redis": {"url": server.url, "key_prefix": "live"},
+            "edge": {"batch_size": 16, "block_ms": 50},
+            "switcher": {"audit_fraction": plan.audit_fraction, "audit_seed": "bench"},
+            "cloud": {"batch_size": 32}, "alerts": {"cloud_timeout_s": 600},
+            "ingest": {"pixels_ttl_s": 3600},
+            "dmd": {"drift_window": 200, "drift_min_audits": 50, "reload_check_s": 0.5, "features_ttl_s": 3600,
+                    "checkpoints_dir": str(work / "switchers")},
+            "metrics": {"enabled": False, "heartbeat_s": 0.5}, "logging": {"level": "warning", "format": "json"},
+        }
+        settings = Settings(**config)
         v_champion = publish(client, keys, champion.path)
         # a group that never reads keeps the alerts service from trimming the verdicts the figures need
         client.xgroup_create(keys.verdicts_stream(), "bench-keep", id="0", mkstream=True)
         stop = threading.Event()
         edges = [EdgeWorker(settings, client, keys, PlantedEdge(traffic), name=f"edge{i}") for i in range(2)]
         cloud = build_worker(settings, client, keys, PlantedCloud(traffic), name="cloud0")
-        alerts = AlertsService(settings, client, keys, name="alerts0", block_ms=100)
+        (work / "live.yaml").write_text(yaml.safe_dump(config))
+        alerts = {"alerts": start_role(work / "live.yaml", work / "alerts.log", "alerts", "--no-notify",
+                                       "--name", "alerts0")}  # its own process, as deployed
         producer = Producer(client, keys, 4, plan.rate, traffic)
         threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in edges]
         threads += [threading.Thread(target=run, args=(cloud, stop), daemon=True),
-                    threading.Thread(target=alerts.run, args=(stop,), daemon=True),
                     threading.Thread(target=producer.run, daemon=True)]
+        try:
+            wait_for_roles(client, keys, alerts, work)
+        except BaseException:
+            stop_roles(alerts.values())
+            raise
         for t in threads:
             t.start()
 
@@ -292,6 +309,8 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
             audits_to_drift = audits_since(plan.n_a)
             timeline.marks["drift_start"] = producer.pushed
             wait(lambda: producer.pushed >= plan.n_a + plan.n_b_before_refresh, 900, "rule B traffic", sample)
+            # the refresh learns from what the pipeline has stored: let it catch up with what was pushed
+            wait(lambda: caught_up(client, keys, plan.n_a + plan.n_b_before_refresh), 900, "the pipeline", sample)
             report = refresh(client, keys, settings, promote=True, out=work / "challenger", since=change_at,
                              seed=seed, epochs=plan.epochs)
             timeline.marks["promotion"] = producer.pushed
@@ -308,6 +327,7 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
             stop.set()
             for t in threads:
                 t.join(30)
+            stop_roles(alerts.values())
         elapsed = time.time() - started
         verdicts = read_verdicts(client, keys)
         finals = Counter(fid for fid in final_ids(client, keys))

@@ -21,7 +21,8 @@ is kept and a larger one is not, bisect between the two (to within 2 cameras).
 
 Two more cameras play the fall clips (Activity1 and Activity2) after a standing lead-in, with
 gating on: the share of fall frames that reached the edge (of all of them, and of those the gate
-saw change), and the time from the first fall frame's capture to its final verdict.
+saw change), and the time from the first fall frame's capture to its final verdict. With
+``--quick`` they play the same frames (sampled at 1 fps) at 2 fps and lead in with 2 s of standing.
 
 Features (on by default, off with ``--quick``): the same gated trial with audits, the live DMD store, a cloud budget,
 the web role and MQTT enabled, alternating with the plain configuration (A B A B).
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,6 +54,7 @@ CLIPS = {"fall1": "Activity1", "fall2": "Activity2", "walking": "Activity6", "st
 ROOM_MIX = ("standing", "standing", "standing", "walking")  # camera i plays ROOM_MIX[i % 4]
 FPS = 1.0
 STEP = 8
+QUICK_FALL_FPS = 2.0  # --quick plays the fall clips' frames twice as fast: the same frames, half the wait
 LEAD_IN_S = 8.0  # standing footage before a fall clip, so the gate has a still scene to compare with
 
 
@@ -122,34 +125,37 @@ def camera_loop(publisher, frames: list[Frame], fps: float, start: float, stop: 
         k += 1
 
 
-def start_cameras(settings, client, keys, plan: list[tuple[str, list[Frame]]], gating: bool,
+def start_cameras(settings, client, keys, plan: list[tuple[str, list[Frame], float]], gating: bool,
                   stop: threading.Event) -> tuple[list[CameraLog], list[threading.Thread]]:
+    """A thread per camera of ``plan`` (camera id, frames, frames per second), started out of step."""
     from ingest.publisher import Publisher
     from ingest.sampling import MotionGate
 
     ing = settings.ingest
     logs, threads = [], []
     start = time.monotonic() + 0.2
-    for i, (camera_id, frames) in enumerate(plan):
+    for i, (camera_id, frames, fps) in enumerate(plan):
         pub = Publisher(client, keys, camera_id, ing, stop, gating=gating, retry=settings.redis)
         log = CameraLog(camera_id)
         gate = MotionGate(ing.motion_threshold, ing.keepalive_s)  # the gate's own test, for the fall share
         t = threading.Thread(target=camera_loop, name=camera_id, daemon=True,
-                             args=(pub, frames, FPS, start + i / (FPS * len(plan)), stop, log, gate))
+                             args=(pub, frames, fps, start + i / (FPS * len(plan)), stop, log, gate))
         t.start()
         logs.append(log)
         threads.append(t)
     return logs, threads
 
 
-def camera_plan(shots: dict[str, list[Frame]], cameras: int, tag: str, falls: bool) -> list[tuple[str, list[Frame]]]:
+def camera_plan(shots: dict[str, list[Frame]], cameras: int, tag: str, falls: bool,
+                fall_fps: float = FPS) -> list[tuple[str, list[Frame], float]]:
+    """Room cameras at FPS, then (``falls``) the two fall cameras at ``fall_fps``."""
     plan = []
     for i in range(cameras):
         frames = shots[ROOM_MIX[i % len(ROOM_MIX)]]
         offset = (7 * i) % len(frames)  # cameras of one clip out of step with each other
-        plan.append((f"{tag}cam{i:02d}", frames[offset:] + frames[:offset]))
+        plan.append((f"{tag}cam{i:02d}", frames[offset:] + frames[:offset], FPS))
     if falls:
-        plan += [(f"{tag}fall1", shots["fall1"]), (f"{tag}fall2", shots["fall2"])]
+        plan += [(f"{tag}fall1", shots["fall1"], fall_fps), (f"{tag}fall2", shots["fall2"], fall_fps)]
     return plan
 
 
@@ -185,6 +191,7 @@ class Trial:
     window_s: float
     falls: bool = False
     features: bool = False
+    fall_fps: float = FPS  # the fall cameras' frames, sampled at FPS, played this fast (quick: faster)
 
 
 def window_finals(client, keys, frames: dict[str, float]) -> dict[str, tuple[float, float]]:
@@ -243,22 +250,22 @@ def trial(client, keys, settings, shots, spec: Trial, tag: str) -> UpfallRun:
     from bench_e2e import decided_rate, pct
 
     stop = threading.Event()
-    plan = camera_plan(shots, spec.cameras, tag, spec.falls)
+    plan = camera_plan(shots, spec.cameras, tag, spec.falls, spec.fall_fps)
     logs, threads = start_cameras(settings, client, keys, plan, spec.gating, stop)
     start = time.time() + spec.warmup_s
-    fall_s = max((len(f) for _c, f in plan if _c.endswith(("fall1", "fall2"))), default=0) / FPS
+    fall_s = max((len(f) / fps for c, f, fps in plan if c.endswith(("fall1", "fall2"))), default=0)
     time.sleep(max(spec.warmup_s + spec.window_s, fall_s + 1))
     end = time.time()
     stop.set()
     for t in threads:
         t.join(10)
-    rooms = {c for c, _f in plan[: spec.cameras]}
+    rooms = {c for c, *_ in plan[: spec.cameras]}
     frames = published_frames(client, keys, rooms, start, end)
     rate = decided_rate(client, keys, start, end)
     finals = wait_finals(client, keys, frames, 5.0)
     falls = None
     if spec.falls:
-        fall_cams = {c for c, _f in plan[spec.cameras:]}
+        fall_cams = {c for c, *_ in plan[spec.cameras:]}
         fall_ids = published_frames(client, keys, fall_cams, 0, end)
         falls = fall_share(logs[spec.cameras:], wait_finals(client, keys, fall_ids, 5.0), fall_ids)
     order = sorted(frames, key=frames.get)
@@ -452,12 +459,15 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
     ``ungated_cameras``; then, at the most gated cameras kept up, plain and with-features trials
     alternating (both sets of roles loaded once, each on its own redis-server)."""
     try:
-        shots = footage(folder, FPS, 2.0 if quick else LEAD_IN_S)
+        find_clips(folder)
     except FileNotFoundError as exc:
         return UpfallBench((), (), None, (), skipped=str(exc))
+    pool = ThreadPoolExecutor(1)
+    decoding = pool.submit(footage, folder, FPS, 2.0 if quick else LEAD_IN_S)  # decoded while the roles load
+    pool.shutdown(wait=False)
     model_dir = full_vilt_dir(cache)
     ckpt = switcher_checkpoint(work / "switcher", str(model_dir), [QUESTION], 1536)
-    warm, window = (1.0, 5.0) if quick else (5.0, 30.0)
+    warm, window = (1.0, 4.0) if quick else (5.0, 30.0)
     window = window_s or window
     steps = (0 if quick else 2) if steps is None else steps
     with ExitStack() as stack:
@@ -467,9 +477,12 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
             port = stack.enter_context(mosquitto(work / "mqtt"))
             rich = stack.enter_context(Roles(work / "features", model_dir, mode, batch, ckpt, True, port,
                                              edge_workers))
+        shots = decoding.result()
         for r in (roles, rich) if features else (roles,):
             warm_up(r, shots, batch)
-        gated = step_trials(roles, shots, Trial(gated_cameras, True, warm, window, falls=True), "g", steps)
+        fall_fps = QUICK_FALL_FPS if quick else FPS
+        gated = step_trials(roles, shots, Trial(gated_cameras, True, warm, window, falls=True, fall_fps=fall_fps),
+                            "g", steps)
         ungated = step_trials(roles, shots, Trial(ungated_cameras, False, warm, window), "u", steps)
         pairs = []
         best = most_kept(gated)
@@ -547,7 +560,7 @@ def figures(bench: UpfallBench, machine: Machine) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for upfall.json")
-    ap.add_argument("--quick", action="store_true", help="8 s windows, no stepping")
+    ap.add_argument("--quick", action="store_true", help="4 s windows, no stepping, fall clips at 2 fps")
     ap.add_argument("--upfall", type=Path, default=DEFAULT_UPFALL, help="folder of the UP-Fall clips")
     edge_options(ap, batch=4)
     ap.add_argument("--gated", type=int, default=32, help="room cameras of the first gated trial")
@@ -556,7 +569,7 @@ def main() -> None:
                     help="the with/without features trials (default: on, off with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="step trials after the first (default 2, quick 0)")
     ap.add_argument("--edge-workers", type=int, default=1, help="edge worker processes (threads shared out)")
-    ap.add_argument("--window", type=float, default=None, help="seconds measured per trial (default 30, quick 5)")
+    ap.add_argument("--window", type=float, default=None, help="seconds measured per trial (default 30, quick 4)")
     args = ap.parse_args()
     machine = bench_start()
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmp:

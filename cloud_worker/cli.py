@@ -20,7 +20,7 @@ def cloud(
     from fallwatch.hub import ModelNotAvailable
     from fallwatch.metrics import CloudMetrics, start_role
     from fallwatch.redis import RedisHandle
-    from fallwatch.runtime import stop_on_signals, worker_name
+    from fallwatch.runtime import exit_stopped, stop_on_signals, worker_name
 
     app_ctx = app_context(ctx)
     settings = app_ctx.settings
@@ -36,6 +36,7 @@ def cloud(
         CloudMetrics.create().watch_gpus()
         worker = build_worker(settings, handle.client, app_ctx.keys, model, name)
         run(worker, stop, burst=burst, retry=settings.redis)
+    exit_stopped()
 
 
 def register(app: typer.Typer) -> None:

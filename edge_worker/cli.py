@@ -32,7 +32,7 @@ def edge(
     from edge_worker.worker import EdgeWorker
     from fallwatch.metrics import start_role
     from fallwatch.redis import RedisHandle
-    from fallwatch.runtime import stop_on_signals, worker_name
+    from fallwatch.runtime import exit_stopped, stop_on_signals, worker_name
 
     app_ctx = app_context(ctx)
     settings = app_ctx.settings
@@ -44,6 +44,7 @@ def edge(
         name = name or worker_name("edge")
         start_role(settings.metrics, "edge", name)
         EdgeWorker(settings, handle.client, app_ctx.keys, model, switcher, name=name).run(stop)
+    exit_stopped()
 
 
 def _load_or_exit(settings):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from fallwatch.keys import Keys
 from fallwatch.metrics import advertise, served_port
@@ -27,6 +29,17 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def exit_stopped(code: int = 0) -> NoReturn:
+    """End a role process that has stopped cleanly, its output flushed, without the interpreter's
+    teardown of torch and transformers (about 0.9 s here): everything the role read is acknowledged
+    or left pending for another worker by then, so skipping it loses nothing and a restart (or the
+    next deploy) comes sooner."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def worker_name(role: str) -> str:

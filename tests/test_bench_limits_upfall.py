@@ -63,3 +63,13 @@ def test_camera_counts_step_up_halve_then_bisect_to_within_two() -> None:
     assert search(24, 19) == [24, 12, 18, 21, 19]  # halve once, then bisect
     assert search(8, 30) == [8, 16, 24, 32, 28, 30]  # up by 8 until one fails
     assert search(4, 0) == [4, 2, 1]  # nothing kept: halve down to one camera
+
+
+def test_quick_plays_the_fall_cameras_faster_on_the_same_frames() -> None:
+    still, fall = [bench_upfall.Frame(f, False) for f in frames(3)], [bench_upfall.Frame(f, True) for f in frames(5)]
+    shots = {"standing": still, "walking": still, "fall1": fall, "fall2": fall[:4]}
+    plan = bench_upfall.camera_plan(shots, 4, "q", falls=True, fall_fps=2.0)
+    assert [(c, fps) for c, _f, fps in plan] == [("qcam00", 1.0), ("qcam01", 1.0), ("qcam02", 1.0), ("qcam03", 1.0),
+                                                ("qfall1", 2.0), ("qfall2", 2.0)]
+    assert plan[4][1] == fall and plan[5][1] == fall[:4]  # every fall frame, in order
+    assert [len(f) for _c, f, _fps in bench_upfall.camera_plan(shots, 2, "f", falls=False)] == [3, 3]

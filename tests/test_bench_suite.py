@@ -51,3 +51,16 @@ def test_drawn_frames_are_shared_but_not_mutably() -> None:
     again = common.scene_jpegs(2, size=64)
     assert len(again) == 2 and again == first[:2]
     assert all(j[:2] == b"\xff\xd8" for j in again)  # JPEG
+
+
+def test_budget_cases_side_by_side_keep_their_names_and_overlap() -> None:
+    import bench_budget
+
+    def case(name: str, seconds: float):
+        return lambda: (time.sleep(seconds), {"case": name})[1]
+
+    start = time.monotonic()
+    done = bench_budget.side_by_side({"hard": case("hard", 0.6), "priority": case("priority", 0.3)})
+    elapsed = time.monotonic() - start
+    assert done == {"hard": {"case": "hard"}, "priority": {"case": "priority"}}
+    assert 0.6 <= elapsed < 0.85  # one after the other would take 0.9 s

@@ -62,3 +62,21 @@ def test_errors_that_are_not_outages_end_the_loop(settings, r, keys) -> None:
 
     with pytest.raises(ValueError, match="a bug"):
         Broken(settings, r, keys, fail=0, stop=threading.Event()).run(threading.Event())
+
+
+def test_exit_stopped_flushes_output_and_keeps_the_exit_code() -> None:
+    """A stopped role leaves without the interpreter's teardown; what it printed and logged is out."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            "from fallwatch.runtime import exit_stopped\n"
+            "logging.basicConfig(stream=sys.stderr)\n"
+            "print('verdicts acknowledged', end='')\n"  # block-buffered on a pipe: lost without a flush
+            "logging.getLogger('x').warning('worker_stopped')\n"
+            "exit_stopped(3)\n"
+            "print('unreachable')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "verdicts acknowledged"
+    assert "worker_stopped" in done.stderr
