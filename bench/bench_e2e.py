@@ -30,7 +30,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +120,16 @@ def wait_for_roles(client, keys, procs: dict[str, subprocess.Popen], logs: Path,
             return
         time.sleep(0.2)
     raise RuntimeError(f"roles not serving after {timeout_s} s (logs in {logs})")
+
+
+@contextmanager
+def serving(client, keys, procs: dict[str, subprocess.Popen], logs: Path) -> Iterator[dict[str, subprocess.Popen]]:
+    """``procs`` once every one is serving (see :func:`wait_for_roles`); stopped on the way out."""
+    try:
+        wait_for_roles(client, keys, procs, logs)
+        yield procs
+    finally:
+        stop_roles(procs.values())
 
 
 def image_items(folder: Path, jpegs: list[bytes]):
@@ -300,8 +311,7 @@ def run_e2e(cache: Path, work: Path, quick: bool, mode: str, batch: int, cameras
         client = redis.Redis.from_url(server.url)
         procs = {"edge": start_role(config, logs / "edge.log", "edge", "--name", "edge-bench"),
                  "alerts": start_role(config, logs / "alerts.log", "alerts", "--no-notify", "--name", "alerts-bench")}
-        try:
-            wait_for_roles(client, keys, procs, logs)
+        with serving(client, keys, procs, logs):
             while True:
                 runs.append(trial(client, keys, settings, items, spec, f"t{len(runs)}",
                                   {"mode": mode, "batch": batch, "threads": threads}))
@@ -310,9 +320,7 @@ def run_e2e(cache: Path, work: Path, quick: bool, mode: str, batch: int, cameras
                     break
                 discard_backlog(client, keys)
                 spec = Trial(more, fps, spec.warmup_s, spec.window_s)
-        finally:
-            stop_roles(procs.values())
-            client.close()
+        client.close()
     return runs
 
 

@@ -229,7 +229,7 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
     import redis
 
     from alerts.drift import SITE
-    from bench_e2e import start_role, stop_roles, wait_for_roles
+    from bench_e2e import serving, start_role
     from cloud_worker.worker import build_worker, run
     from edge_worker.worker import EdgeWorker
     from fallwatch import dmd_store
@@ -267,67 +267,61 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
         edges = [EdgeWorker(settings, client, keys, PlantedEdge(traffic), name=f"edge{i}") for i in range(2)]
         cloud = build_worker(settings, client, keys, PlantedCloud(traffic), name="cloud0")
         (work / "live.yaml").write_text(yaml.safe_dump(config))
-        alerts = {"alerts": start_role(work / "live.yaml", work / "alerts.log", "alerts", "--no-notify",
-                                       "--name", "alerts0")}  # its own process, as deployed
+        alerts = start_role(work / "live.yaml", work / "alerts.log", "alerts", "--no-notify", "--name", "alerts0")
         producer = Producer(client, keys, 4, plan.rate, traffic)
         threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in edges]
         threads += [threading.Thread(target=run, args=(cloud, stop), daemon=True),
                     threading.Thread(target=producer.run, daemon=True)]
-        try:
-            wait_for_roles(client, keys, alerts, work)
-        except BaseException:
-            stop_roles(alerts.values())
-            raise
-        for t in threads:
-            t.start()
-
-        def sample() -> None:
-            raw = client.hget(keys.drift_state(), SITE)
-            if raw is None:
-                return
-            state = json.loads(raw)
-            timeline.samples.append({"frame": producer.pushed, **state})
-            if "drift_start" in timeline.marks and "drift_end" not in timeline.marks and state.get("event_id") is None:
-                timeline.marks["drift_end"] = producer.pushed
-
-        def drifting() -> bool:
-            raw = client.hget(keys.drift_state(), SITE)
-            return raw is not None and json.loads(raw).get("event_id") is not None
-
-        def audits_since(idx: int) -> int:
-            return sum(1 for r in dmd_store.iter_records(client, keys)
-                       if r.record.route == "audit" and frame_index(r.record.frame_id, 4) >= idx)
-
-        started = time.time()
-        try:
-            producer.upto = plan.n_a
-            wait(lambda: producer.pushed >= plan.n_a, 600, "rule A traffic", sample)
-            timeline.marks["change"] = plan.n_a
-            change_at = time.time()
-            producer.upto = len(traffic.labels)  # rule B from here on, also during refresh and reload
-            wait(drifting, 900, "the drift event", sample)
-            audits_to_drift = audits_since(plan.n_a)
-            timeline.marks["drift_start"] = producer.pushed
-            wait(lambda: producer.pushed >= plan.n_a + plan.n_b_before_refresh, 900, "rule B traffic", sample)
-            # the refresh learns from what the pipeline has stored: let it catch up with what was pushed
-            wait(lambda: caught_up(client, keys, plan.n_a + plan.n_b_before_refresh), 900, "the pipeline", sample)
-            report = refresh(client, keys, settings, promote=True, out=work / "challenger", since=change_at,
-                             seed=seed, epochs=plan.epochs)
-            timeline.marks["promotion"] = producer.pushed
-            v_new = current_version(client, keys)
-            wait(lambda: all(e.switcher_version == v_new for e in edges), 120, "the hot reload", sample)
-            reloaded_at = producer.pushed
-            producer.upto = reloaded_at + plan.n_c
-            wait(lambda: producer.pushed >= producer.upto, 900, "post-refresh traffic", sample)
-            producer.stop.set()
-            pushed = producer.pushed
-            wait(lambda: client.xlen(keys.final_stream()) >= pushed, 900, "every final verdict", sample)
-        finally:
-            producer.stop.set()
-            stop.set()
+        with serving(client, keys, {"alerts": alerts}, work):  # the alerts service: its own process, as deployed
             for t in threads:
-                t.join(30)
-            stop_roles(alerts.values())
+                t.start()
+
+            def sample() -> None:
+                raw = client.hget(keys.drift_state(), SITE)
+                if raw is None:
+                    return
+                state = json.loads(raw)
+                timeline.samples.append({"frame": producer.pushed, **state})
+                if "drift_start" in timeline.marks and "drift_end" not in timeline.marks and state.get("event_id") is None:
+                    timeline.marks["drift_end"] = producer.pushed
+
+            def drifting() -> bool:
+                raw = client.hget(keys.drift_state(), SITE)
+                return raw is not None and json.loads(raw).get("event_id") is not None
+
+            def audits_since(idx: int) -> int:
+                return sum(1 for r in dmd_store.iter_records(client, keys)
+                           if r.record.route == "audit" and frame_index(r.record.frame_id, 4) >= idx)
+
+            started = time.time()
+            try:
+                producer.upto = plan.n_a
+                wait(lambda: producer.pushed >= plan.n_a, 600, "rule A traffic", sample)
+                timeline.marks["change"] = plan.n_a
+                change_at = time.time()
+                producer.upto = len(traffic.labels)  # rule B from here on, also during refresh and reload
+                wait(drifting, 900, "the drift event", sample)
+                audits_to_drift = audits_since(plan.n_a)
+                timeline.marks["drift_start"] = producer.pushed
+                wait(lambda: producer.pushed >= plan.n_a + plan.n_b_before_refresh, 900, "rule B traffic", sample)
+                # the refresh learns from what the pipeline has stored: let it catch up with what was pushed
+                wait(lambda: caught_up(client, keys, plan.n_a + plan.n_b_before_refresh), 900, "the pipeline", sample)
+                report = refresh(client, keys, settings, promote=True, out=work / "challenger", since=change_at,
+                                 seed=seed, epochs=plan.epochs)
+                timeline.marks["promotion"] = producer.pushed
+                v_new = current_version(client, keys)
+                wait(lambda: all(e.switcher_version == v_new for e in edges), 120, "the hot reload", sample)
+                reloaded_at = producer.pushed
+                producer.upto = reloaded_at + plan.n_c
+                wait(lambda: producer.pushed >= producer.upto, 900, "post-refresh traffic", sample)
+                producer.stop.set()
+                pushed = producer.pushed
+                wait(lambda: client.xlen(keys.final_stream()) >= pushed, 900, "every final verdict", sample)
+            finally:
+                producer.stop.set()
+                stop.set()
+                for t in threads:
+                    t.join(30)
         elapsed = time.time() - started
         verdicts = read_verdicts(client, keys)
         finals = Counter(fid for fid in final_ids(client, keys))
