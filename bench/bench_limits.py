@@ -15,7 +15,9 @@
   (``limits.edge_fraction_of_bound``), and one worker with every thread against the bound on
   every thread (``limits.edge_fraction_of_bound_one_worker``).
 * ``profile``: where the rest goes: ``torch.profiler`` self time of one scored batch split into
-  matrix products and the other operators, preprocessing, and the worker's time outside the model.
+  matrix products and the other operators, preprocessing, and the worker's time outside the model;
+  and the ceiling that leaves (``limits.edge_fraction_of_bound_ceiling``): the fraction one worker
+  would reach with its matrix products at the bound and every other operator taking no time.
 
     .venv/bin/python bench/bench_limits.py --out bench/results/limits [--quick]
 """
@@ -215,6 +217,13 @@ class Limits:
     per_core_pairs: tuple[tuple[float, float], ...] = ()
 
     @property
+    def ceiling(self) -> float:
+        """The fraction one worker would reach if its matrix products ran at the bound and every other
+        operator of the model took no time: only preprocessing and the worker's own work left."""
+        bound = self.split["bound_s"]
+        return round(bound / (bound + self.split["preprocess_s"] + self.split["outside_model_s"]), 3)
+
+    @property
     def per_core_fraction(self) -> float:
         return round(median_ratio([w for _b, w in self.per_core_pairs], [b for b, _w in self.per_core_pairs]), 3)
 
@@ -277,6 +286,10 @@ def figures(lim: Limits, machine: Machine) -> list:
         fractions.insert(0, ("", lim.per_core_fraction, {
             "workers": lim.cores, "threads_each": 1,
             "pairs_bound_workers_frames_per_s": [list(p) for p in lim.per_core_pairs]}))
+    fractions.append(("_ceiling", lim.ceiling, {"workers": 1, "bound_s": lim.split["bound_s"],
+                                                "preprocess_s": lim.split["preprocess_s"],
+                                                "outside_model_s": lim.split["outside_model_s"],
+                                                "other_ops_s": lim.split["other_ops_s"]}))
     for i, (suffix, value, details) in enumerate(fractions):
         headline = i == 0
         rows.append(figure("limits.edge_fraction_of_bound" + ("" if headline else suffix), value, "ratio", machine,

@@ -24,8 +24,17 @@ gating on: the share of fall frames that reached the edge (of all of them, and o
 saw change), and the time from the first fall frame's capture to its final verdict. With
 ``--quick`` they play the same frames (sampled at 1 fps) at 2 fps and lead in with 2 s of standing.
 
-Features (on by default, off with ``--quick``): the same gated trial with audits, the live DMD store, a cloud budget,
-the web role and MQTT enabled, alternating with the plain configuration (A B A B).
+Features (on by default, off with ``--quick``): gated trials with audits, the live DMD store, a cloud budget,
+the web role and MQTT enabled, alternating with the plain configuration (A B A B), for two figures:
+
+* ``upfall.features_cameras_ratio``: the most cameras the features configuration keeps up over the
+  plain one's: one pair at the plain configuration's most cameras kept up, and if the features
+  configuration did not keep up there, one more pair at 95% of it (target >= 0.95);
+* ``upfall.features_p99_ratio``: p99 with the features over p99 without, at 3/4 of those cameras (a
+  load both carry, as the e2e section's 16 cameras: at the most kept up, p99 is queueing and
+  swings 1.5-4x between two plain trials). Each side's latencies are pooled over ``FEATURE_PAIRS``
+  pairs before the percentile, so the p99 rests on several hundred frames, not a handful. The CPU
+  seconds each process used in the trials say what the features cost the box.
 
     .venv/bin/python bench/bench_upfall.py --out bench/results/upfall [--quick] [--upfall DIR]
 """
@@ -46,7 +55,7 @@ from pathlib import Path
 
 import yaml
 
-from common import bench_start, edge_options, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
+from common import bench_start, cpu_seconds, edge_options, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     median_ratio, switcher_checkpoint
 
 DEFAULT_UPFALL = ROOT.parent / "shared" / "data" / "upfall"
@@ -55,6 +64,8 @@ ROOM_MIX = ("standing", "standing", "standing", "walking")  # camera i plays ROO
 FPS = 1.0
 STEP = 8
 QUICK_FALL_FPS = 2.0  # --quick plays the fall clips' frames twice as fast: the same frames, half the wait
+FEATURE_PAIRS = 3  # with/without-features pairs pooled for the p99 ratio (one with --quick --features)
+FEATURE_LOAD = 0.75  # the p99 ratio's cameras, of the most kept up
 LEAD_IN_S = 8.0  # standing footage before a fall clip, so the gate has a still scene to compare with
 
 
@@ -181,6 +192,9 @@ class UpfallRun:
     kept_up: bool
     falls: dict | None
     load_average_1m: float
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process of the box used in the trial
+    station_events: int | None = None  # live-stream events the caregiver station received in the trial
+    latencies_ms: tuple[float, ...] = field(default=(), repr=False)  # every final's, for pooled percentiles
 
 
 @dataclass(frozen=True)
@@ -280,7 +294,7 @@ def trial(client, keys, settings, shots, spec: Trial, tag: str) -> UpfallRun:
     kept = bool(done) and len(done) == len(frames) and steady and rate >= 0.95 * published_rate
     return UpfallRun(spec.cameras, spec.gating, spec.features, round(end - start, 1), sampled, len(frames), len(done),
                      pct(done, 50), pct(done, 99), first, last, rate, published_rate, round(late, 3), kept, falls,
-                     load_average()[0])
+                     load_average()[0], latencies_ms=tuple(done))
 
 
 # --- roles -------------------------------------------------------------------------------------
@@ -309,9 +323,9 @@ class Roles:
     """A redis-server and the roles of one configuration (edge, alerts; more with features)."""
 
     def __init__(self, work: Path, model_dir: Path, mode: str, batch: int, ckpt: Path, features: bool,
-                 mqtt_port: int | None = None, edge_workers: int = 1):
+                 broker: Broker | None = None, edge_workers: int = 1):
         self.work, self.model_dir, self.mode, self.batch, self.ckpt = work, model_dir, mode, batch, ckpt
-        self.features, self.mqtt_port, self.edge_workers = features, mqtt_port, edge_workers
+        self.features, self.broker, self.edge_workers = features, broker, edge_workers
 
     def __enter__(self):
         import redis
@@ -321,22 +335,32 @@ class Roles:
         from fallwatch.settings import load_settings
 
         self.server = EmbeddedRedis(self.work / "redis", appendonly=False).__enter__()
-        extra = feature_config(self.mqtt_port) if self.features else {"switcher": {"audit_fraction": 0.0}}
+        extra = {"switcher": {"audit_fraction": 0.0}}
+        self.station, self.web_port = None, free_port()
+        if self.features:
+            extra = feature_config(self.broker.port if self.broker else None, station_users(self.work))
         config = write_config(self.work / "upfall.yaml", self.server.url, self.model_dir, self.mode, self.batch,
                               self.ckpt, extra, self.edge_workers)
         self.settings = load_settings(config)
         self.keys = Keys(self.settings.redis.key_prefix)
         self.client = redis.Redis.from_url(self.server.url)
-        self.procs = start_roles(config, self.work / "logs", self.features, self.edge_workers)
+        self.procs = start_roles(config, self.work / "logs", self.features, self.edge_workers, self.web_port)
         try:
             from bench_e2e import wait_for_roles
 
             wait_for_roles(self.client, self.keys, {r: p for r, p in self.procs.items() if r != "web"},
                            self.work / "logs")
+            if self.features:
+                self.station = Station(f"http://127.0.0.1:{self.web_port}", STATION_USER, STATION_PASSWORD).start()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def pids(self) -> dict[str, int]:
+        """The processes of this configuration on the box: its roles, its redis-server, its broker."""
+        pids = {role: proc.pid for role, proc in self.procs.items()} | {"redis": self.server.proc.pid, "cameras": os.getpid()}
+        return pids | ({"mosquitto": self.broker.pid} if self.features and self.broker else {})
 
     def __exit__(self, *exc) -> None:
         from bench_e2e import stop_roles
@@ -347,7 +371,7 @@ class Roles:
         self.server.__exit__(None, None, None)
 
 
-def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1) -> dict:
+def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1, web_port: int = 0) -> dict:
     from bench_e2e import start_role
 
     logs.mkdir(parents=True, exist_ok=True)
@@ -358,43 +382,117 @@ def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1)
         # the cloud worker stands in for the GPU box: one thread at the lowest priority, so it takes
         # only CPU the edge box's roles leave idle
         procs["cloud"] = start_role(config, logs / "cloud.log", "cloud", "--name", "cloud-upfall", nice=19, threads=1)
-        procs["web"] = start_role(config, logs / "web.log", "web", "--port", "0")
+        procs["web"] = start_role(config, logs / "web.log", "web", "--port", str(web_port))
     return procs
 
 
-def feature_config(mqtt_port: int | None) -> dict:
+def feature_config(mqtt_port: int | None, users_file: Path | None = None) -> dict:
     """Audits (2% of edge-decided frames) answered by a cloud worker (tiny model on the CPU) that
     writes the live DMD store, a hard cloud budget, and MQTT to a private broker (the web role is
-    started beside them). Without features, audits are off (their default is on)."""
+    started beside them, with a caregiver station signed in). Without features, audits are off
+    (their default is on)."""
     extra: dict = {"switcher": {"audit_fraction": 0.02},
                    "cloud": {"model": "tiny", "device": "cpu", "dtype": "fp32",
                              "budget": {"mode": "hard", "hard_unit": "offloads", "hard_per_hour": 3600}},
-                   "web": {"port": 0}}
+                   "web": {"port": 0} | ({"users_file": str(users_file)} if users_file else {})}
     if mqtt_port:
         extra["mqtt"] = {"host": "127.0.0.1", "port": mqtt_port, "stats_period_s": 5}
     return extra
 
 
+STATION_USER, STATION_PASSWORD = "station", "bench station password"
+
+
+def station_users(work: Path) -> Path:
+    """A users file with the one caregiver the bench's station signs in as."""
+    from web.users import add_user
+
+    path = work / "web-users.yaml"
+    add_user(path, STATION_USER, "caregiver", STATION_PASSWORD)
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Station:
+    """A caregiver station open on the web role, as on a care home's screen all day: signed in and
+    reading the live stream (server-sent events) on a thread; ``events`` counts what it received."""
+
+    def __init__(self, url: str, user: str, password: str):
+        import http.cookiejar
+        import urllib.request
+
+        self.url, self.user, self.password, self.events = url, user, password, 0
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.open = threading.Event()
+
+    def start(self, timeout_s: float = 60.0) -> "Station":
+        """Signed in (refused: the HTTP error at once) and reading, or an error within ``timeout_s``."""
+        import urllib.error
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._sign_in()
+                break
+            except urllib.error.HTTPError:
+                raise
+            except OSError:  # the web role is still starting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        threading.Thread(target=self._read, name="station", daemon=True).start()
+        if not self.open.wait(timeout_s):
+            raise TimeoutError(f"the caregiver station's live stream at {self.url} did not open")
+        return self
+
+    def _sign_in(self) -> None:
+        import urllib.request
+
+        token = json.loads(self.opener.open(f"{self.url}/api/login-token", timeout=5).read())["csrf"]
+        body = json.dumps({"name": self.user, "password": self.password}).encode()
+        self.opener.open(urllib.request.Request(f"{self.url}/api/login", body, method="POST", headers={
+            "Content-Type": "application/json", "X-CSRF-Token": token}), timeout=5).read()
+
+    def _read(self) -> None:
+        try:
+            with self.opener.open(f"{self.url}/api/stream", timeout=60) as stream:
+                for line in stream:
+                    self.open.set()
+                    self.events += line.startswith(b"event:")
+        except OSError:  # the web role stopped
+            pass
+
+
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    pid: int
+
+
 @contextmanager
-def mosquitto(work: Path) -> Iterator[int | None]:
+def mosquitto(work: Path) -> Iterator[Broker | None]:
     """A private Mosquitto broker on a free port (None when the binary is missing)."""
     import shutil
-    import socket
     import subprocess
 
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if exe is None:
         yield None
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        yield port
+        yield Broker(port, proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -408,10 +506,11 @@ class UpfallBench:
     gated: tuple[UpfallRun, ...]
     ungated: tuple[UpfallRun, ...]
     falls: UpfallRun | None
-    features: tuple[tuple[UpfallRun, UpfallRun], ...]  # (without, with) pairs
+    features: tuple[tuple[UpfallRun, UpfallRun], ...]  # (without, with) pairs at the most kept up (and 95%)
     workers_ab: tuple[tuple[UpfallRun, UpfallRun], ...] = ()  # saturated: (one edge worker, edge_workers)
     edge_workers: int = 1
     skipped: str = ""
+    features_load: tuple[tuple[UpfallRun, UpfallRun], ...] = ()  # (without, with) pairs at FEATURE_LOAD of it
 
 
 def step_trials(roles, shots, first: Trial, tag: str, steps: int) -> list[UpfallRun]:
@@ -474,8 +573,8 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
         roles = stack.enter_context(Roles(work / "plain", model_dir, mode, batch, ckpt, False,
                                           edge_workers=edge_workers))
         if features:
-            port = stack.enter_context(mosquitto(work / "mqtt"))
-            rich = stack.enter_context(Roles(work / "features", model_dir, mode, batch, ckpt, True, port,
+            broker = stack.enter_context(mosquitto(work / "mqtt"))
+            rich = stack.enter_context(Roles(work / "features", model_dir, mode, batch, ckpt, True, broker,
                                              edge_workers))
         shots = decoding.result()
         for r in (roles, rich) if features else (roles,):
@@ -484,17 +583,28 @@ def run_upfall(cache: Path, work: Path, quick: bool, mode: str, batch: int, fold
         gated = step_trials(roles, shots, Trial(gated_cameras, True, warm, window, falls=True, fall_fps=fall_fps),
                             "g", steps)
         ungated = step_trials(roles, shots, Trial(ungated_cameras, False, warm, window), "u", steps)
-        pairs = []
         best = most_kept(gated)
         spec = Trial(best.cameras if best else gated_cameras, True, warm, window)
-        for i in range(1 if quick else 2) if features else ():
-            pairs.append(tuple(alone(r, shots, replace(spec, features=r.features), f"{tag}{i}")
-                               for tag, r in (("a", roles), ("b", rich))))
+        pairs, loaded = feature_trials(roles, rich, shots, spec, quick) if features else ((), ())
         saturated = min((r.cameras for r in ungated if not served(r)), default=ungated_cameras + STEP)
         ab = () if quick or edge_workers == 1 else \
             workers_ab(stack, roles, shots, Trial(saturated, False, warm, window), work, (model_dir, mode, batch, ckpt))
     falls = max((r for r in gated if r.falls is not None), key=lambda r: (r.kept_up, r.cameras), default=None)
-    return UpfallBench(tuple(gated), tuple(ungated), falls, tuple(pairs), ab, edge_workers)
+    return UpfallBench(tuple(gated), tuple(ungated), falls, pairs, ab, edge_workers, features_load=loaded)
+
+
+def feature_trials(plain: Roles, rich: Roles, shots, spec: Trial, quick: bool) -> tuple[tuple, tuple]:
+    """Pairs (plain, features) at ``spec``'s cameras, and at 95% of them if the features did not keep
+    up there; then FEATURE_PAIRS pairs at FEATURE_LOAD of them (windows of at most 20 s)."""
+    def pair(trial: Trial, tag: str) -> tuple[UpfallRun, UpfallRun]:
+        return tuple(alone(r, shots, replace(trial, features=r.features), f"{side}{tag}")
+                     for side, r in (("a", plain), ("b", rich)))
+
+    at_most = [pair(spec, "k0")]
+    if not served(at_most[0][1]) and spec.cameras * 0.95 >= 2:
+        at_most.append(pair(replace(spec, cameras=int(spec.cameras * 0.95)), "k1"))
+    load = replace(spec, cameras=max(2, round(spec.cameras * FEATURE_LOAD)), window_s=min(spec.window_s, 20.0))
+    return tuple(at_most), tuple(pair(load, f"l{i}") for i in range(1 if quick else FEATURE_PAIRS))
 
 
 def workers_ab(stack: ExitStack, roles: Roles, shots, spec: Trial, work: Path, model: tuple,
@@ -513,8 +623,14 @@ def alone(roles: Roles, shots, spec: Trial, tag: str) -> UpfallRun:
     from bench_e2e import discard_backlog
 
     discard_backlog(roles.client, roles.keys)
+    pids = roles.pids()
+    before = cpu_seconds(pids)
     try:
-        return trial(roles.client, roles.keys, roles.settings, shots, spec, tag)
+        events = roles.station.events if roles.station else 0
+        run = trial(roles.client, roles.keys, roles.settings, shots, spec, tag)
+        after = cpu_seconds(pids)
+        return replace(run, cpu_s={name: round(after[name] - before[name], 2) for name in pids},
+                       station_events=roles.station.events - events if roles.station else None)
     finally:
         discard_backlog(roles.client, roles.keys)
 
@@ -530,31 +646,71 @@ def figures(bench: UpfallBench, machine: Machine) -> list:
                            f">= {target} at p99 <= 1000 ms" if target else "",
                            (lambda v: v >= 32) if target else None,
                            p99_ms=best.p99_ms if best else None, edge_workers=bench.edge_workers,
-                           runs=[asdict(r) for r in runs]))
+                           runs=[run_details(r) for r in runs]))
     falls = (bench.falls.falls if bench.falls else None) or {}
     changed = [v["share_changed_reached"] for v in falls.values() if v["share_changed_reached"] is not None]
     rows.append(figure("upfall.fall_changed_frames_reaching_edge", min(changed) if changed else None, "share",
                        machine, "1.0 (every frame that changes)", lambda v: v >= 1.0, per_clip=falls,
-                       run=asdict(bench.falls) if bench.falls else None))
+                       run=run_details(bench.falls) if bench.falls else None))
     if bench.features:
-        measured = [(a, b) for a, b in bench.features if a.p99_ms and b.p99_ms]
-        p99 = round(median_ratio([b.p99_ms for _a, b in measured], [a.p99_ms for a, _b in measured]), 3) \
-            if measured else None
-        kept = all(b.kept_up for _a, b in bench.features) == all(a.kept_up for a, _b in bench.features)
-        rows.append(figure("upfall.features_p99_ratio", p99, "ratio", machine,
-                           "<= 1.05, cameras kept up alike", lambda v: v <= 1.05 and kept,
-                           cameras=bench.features[0][0].cameras, kept_up_alike=kept,
-                           pairs=[[asdict(a), asdict(b)] for a, b in bench.features]))
+        rows.append(features_cameras_figure(bench.features, machine))
+    if bench.features_load:
+        rows.append(features_p99_figure(bench.features_load, machine))
     if bench.workers_ab:
         rows.append(figure("upfall.edge_workers_speedup",
                            round(median_ratio([n.decided_per_s for _o, n in bench.workers_ab],
                                               [o.decided_per_s for o, _n in bench.workers_ab]), 3), "x", machine,
                            edge_workers=bench.edge_workers, cameras=bench.workers_ab[0][0].cameras,
-                           pairs=[[asdict(o), asdict(n)] for o, n in bench.workers_ab]))
+                           pairs=[[run_details(o), run_details(n)] for o, n in bench.workers_ab]))
     times = [v["first_fall_frame_to_verdict_s"] for v in falls.values() if v["first_fall_frame_to_verdict_s"] is not None]
     rows.append(figure("upfall.first_fall_frame_to_verdict_s", max(times) if times else None, "s", machine,
                        per_clip={k: v["first_fall_frame_to_verdict_s"] for k, v in falls.items()}))
     return rows
+
+
+def run_details(run: UpfallRun) -> dict:
+    """A trial as JSON, without its every latency."""
+    return {k: v for k, v in asdict(run).items() if k != "latencies_ms"}
+
+
+def features_cameras_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine: Machine):
+    """The most cameras kept up with the features tried (all of them, or 95%) over the plain most."""
+    most = pairs[0][0].cameras
+    kept = [b.cameras for _a, b in pairs if served(b)]
+    ratio = round(max(kept, default=0) / most, 3) if served(pairs[0][0]) else None  # None: plain fell behind too
+    return figure("upfall.features_cameras_ratio", ratio, "ratio", machine,
+                  ">= 0.95 (the cameras kept up with the features, of those without)", lambda v: v >= 0.95,
+                  cameras=most, pairs=[[run_details(a), run_details(b)] for a, b in pairs])
+
+
+def features_p99_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine: Machine):
+    """p99 of the features trials' pooled latencies over the plain trials'; CPU each process used."""
+    import numpy as np
+
+    pooled = [[ms for pair in pairs for ms in pair[side].latencies_ms] for side in (0, 1)]
+    p99 = [float(np.percentile(ms, 99)) if ms else None for ms in pooled]
+    p50 = [float(np.percentile(ms, 50)) if ms else None for ms in pooled]
+    ratio = round(p99[1] / p99[0], 3) if None not in p99 else None
+    wall = sum(r.seconds for pair in pairs for r in pair) / 2
+    cpu = [cpu_totals([pair[side] for pair in pairs]) for side in (0, 1)]
+    extra = sum(cpu[1].values()) - sum(cpu[0].values())
+    return figure("upfall.features_p99_ratio", ratio, "ratio", machine, "<= 1.05", lambda v: v <= 1.05,
+                  cameras=pairs[0][0].cameras, frames=[len(ms) for ms in pooled],
+                  p99_ms=[round(v, 1) for v in p99 if v is not None],
+                  p50_ratio=round(p50[1] / p50[0], 3) if None not in p50 else None,
+                  pairwise_p99_ratios=[round(b.p99_ms / a.p99_ms, 3) for a, b in pairs if a.p99_ms and b.p99_ms],
+                  all_kept_up=all(r.kept_up for pair in pairs for r in pair), cpu_s_plain=cpu[0],
+                  station_events=[b.station_events for _a, b in pairs],
+                  cpu_s_features=cpu[1], features_share_of_box_cpu=round(extra / (wall * (os.cpu_count() or 1)), 4),
+                  pairs=[[run_details(a), run_details(b)] for a, b in pairs])
+
+
+def cpu_totals(runs: list[UpfallRun]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for run in runs:
+        for name, s in run.cpu_s.items():
+            out[name] = round(out.get(name, 0.0) + s, 2)
+    return out
 
 
 def main() -> None:
@@ -579,7 +735,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {f.name: f.to_json() for f in figures(bench, machine)}
     (args.out / "upfall.json").write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps(asdict(bench), indent=2, default=str))
+    print(json.dumps({name: row["value"] for name, row in result.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,19 @@ def load_average() -> tuple[float, float, float]:
     return round(one, 2), round(five, 2), round(fifteen, 2)
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) each process has used so far; 0 for one gone."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            out[name] = 0.0
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def figure(name: str, value: float | None, unit: str, machine: Machine, target: str = "",
            check: Callable[[float], bool] | None = None, **details: object) -> Figure:
     met = None if check is None or value is None else bool(check(value))

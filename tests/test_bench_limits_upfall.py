@@ -1,11 +1,14 @@
 """The limits and upfall benchmarks' own code on tiny inputs: FLOPs counted on the tiny ViLT agree
 with torch's flop counter, the GEMM bound is positive in every mode, the fall share reads the
-camera logs right, and missing footage skips the upfall rows with the reason."""
+camera logs right, missing footage skips the upfall rows with the reason, the features' figures pool
+their trials and try 95% of the cameras only when needed, and the ceiling is what the split leaves."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,3 +76,57 @@ def test_quick_plays_the_fall_cameras_faster_on_the_same_frames() -> None:
                                                 ("qfall1", 2.0), ("qfall2", 2.0)]
     assert plan[4][1] == fall and plan[5][1] == fall[:4]  # every fall frame, in order
     assert [len(f) for _c, f, _fps in bench_upfall.camera_plan(shots, 2, "f", falls=False)] == [3, 3]
+
+
+def run(cameras: int, latencies: list[float], kept: bool = True, cpu: dict | None = None) -> bench_upfall.UpfallRun:
+    p99 = float(np.percentile(latencies, 99))
+    return bench_upfall.UpfallRun(cameras, True, False, 20.0, 0, len(latencies), len(latencies), 1.0, p99, 1.0, 1.0,
+                                  1.0, 1.0, 0.0, kept, None, 0.0, cpu_s=cpu or {}, latencies_ms=tuple(latencies))
+
+
+def test_features_p99_pools_every_pair_before_the_percentile() -> None:
+    # one plain trial with a slow tail: pairwise ratios swing (0.5 and 2.0), the pooled p99 does not
+    calm, tail = [100.0] * 98 + [200.0, 200.0], [100.0] * 98 + [400.0, 400.0]
+    pairs = ((run(30, tail, cpu={"edge": 30.0}), run(30, calm, cpu={"edge": 30.0, "cloud": 0.4})),
+             (run(30, calm, cpu={"edge": 30.0}), run(30, tail, cpu={"edge": 30.0, "cloud": 0.4})))
+    row = bench_upfall.features_p99_figure(pairs, Machine("cpu", 2, "t", "p", "g"))
+    assert row.value == 1.0 and row.met and row.details["pairwise_p99_ratios"] == [0.5, 2.0]
+    assert row.details["frames"] == [200, 200] and row.details["cpu_s_features"] == {"edge": 60.0, "cloud": 0.8}
+    assert row.details["features_share_of_box_cpu"] == pytest.approx(0.8 / (40.0 * 2), abs=1e-4)
+    assert "latencies_ms" not in row.details["pairs"][0][0]
+    slower = ((run(30, calm), run(30, [110.0] * 98 + [220.0, 220.0])),)
+    assert bench_upfall.features_p99_figure(slower, Machine("cpu", 2, "t", "p", "g")).met is False
+
+
+def test_features_cameras_ratio_tries_95_percent_only_when_the_features_fall_behind(monkeypatch) -> None:
+    tried = []
+    plain, rich = SimpleNamespace(name="plain", features=False), SimpleNamespace(name="rich", features=True)
+
+    def alone(roles, shots, spec, tag):
+        tried.append((roles.name, spec.cameras, spec.window_s))
+        return run(spec.cameras, [100.0] * 10, kept=not roles.features or spec.cameras <= 38)
+
+    monkeypatch.setattr(bench_upfall, "alone", alone)
+    spec = bench_upfall.Trial(40, True, 5.0, 30.0)
+    at_most, load = bench_upfall.feature_trials(plain, rich, {}, spec, quick=False)
+    assert tried[:4] == [("plain", 40, 30.0), ("rich", 40, 30.0), ("plain", 38, 30.0), ("rich", 38, 30.0)]
+    assert [(r, c) for r, c, _w in tried[4:]] == [("plain", 30), ("rich", 30)] * bench_upfall.FEATURE_PAIRS
+    assert len(load) == bench_upfall.FEATURE_PAIRS and all(w == 20.0 for _r, _c, w in tried[4:])
+    row = bench_upfall.features_cameras_figure(at_most, Machine("cpu", 2, "t", "p", "g"))
+    assert row.value == 0.95 and row.met
+    tried.clear()
+    at_most, _load = bench_upfall.feature_trials(plain, rich, {}, replace(spec, cameras=36), quick=True)
+    assert len(at_most) == 1 and len(tried) == 4  # kept up at the most: no 95% pair; one load pair with --quick
+    assert bench_upfall.features_cameras_figure(at_most, Machine("cpu", 2, "t", "p", "g")).value == 1.0
+    behind = ((run(50, [900.0] * 10, kept=False), run(50, [900.0] * 10, kept=False)),)
+    row = bench_upfall.features_cameras_figure(behind, Machine("cpu", 2, "t", "p", "g"))
+    assert row.value is None and row.met is False  # no ratio when the plain configuration fell behind too
+
+
+def test_the_ceiling_leaves_preprocessing_and_the_worker_outside_the_model() -> None:
+    split = {"bound_s": 0.030, "preprocess_s": 0.003, "outside_model_s": 0.002, "other_ops_s": 0.009}
+    lim = bench_limits.Limits("int8", 8, (), 1, 1, (), ((30.0, 20.0),), 0.04, 0.667, split, 2, ((60.0, 38.0),))
+    assert lim.ceiling == round(0.030 / 0.035, 3)
+    rows = {r.name: r for r in bench_limits.figures(lim, Machine("cpu", 2, "t", "p", "g"))}
+    assert rows["limits.edge_fraction_of_bound_ceiling"].value == 0.857
+    assert rows["limits.edge_fraction_of_bound_one_worker"].value == 0.667
