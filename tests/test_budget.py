@@ -75,13 +75,13 @@ def test_bucket_grants_a_ranked_prefix_and_keeps_a_reserve_for_rank_0(r, keys) -
 
 def test_two_workers_never_overspend_the_shared_bucket(r, redis_url, keys) -> None:
     clients = [redis.Redis.from_url(redis_url) for _ in range(2)]
-    buckets = [TokenBucket(c, keys, capacity=50, rate_per_s=1e-6) for c in clients]
+    buckets = [TokenBucket(c, keys, capacity=51, rate_per_s=1e-6) for c in clients]
     granted = [0, 0]
-    ready = threading.Barrier(2)
+    together = threading.Barrier(2)
 
     def spend(i: int) -> None:
-        ready.wait()
-        for _ in range(100):
+        for _ in range(40):  # 40 rounds of the two taking at the same moment; the 51st token is raced for
+            together.wait()
             granted[i] += buckets[i].take([(1, 0.0)]).granted
 
     threads = [threading.Thread(target=spend, args=(i,)) for i in range(2)]
@@ -89,7 +89,7 @@ def test_two_workers_never_overspend_the_shared_bucket(r, redis_url, keys) -> No
         t.start()
     for t in threads:
         t.join()
-    assert sum(granted) == 50 and min(granted) > 0  # both spent; together exactly the bucket
+    assert sum(granted) == 51 and min(granted) >= 25  # both spent; together exactly the bucket
 
 
 def test_bucket_refills_by_time_and_settles_measured_seconds(r, keys) -> None:

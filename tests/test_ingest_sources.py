@@ -251,8 +251,8 @@ def test_replay_waits_for_the_edge_group_instead_of_losing_frames(settings, keys
         time.sleep(0.02)
     time.sleep(0.3)
     assert r.xlen(keys.frames_stream()) == 5 and not done  # blocked: nobody read them
-    read = 0
-    while t.is_alive() and read < 12:
+    read, deadline = 0, time.monotonic() + 30
+    while read < 12 and time.monotonic() < deadline:  # the replay may end before its last frames are read
         got = r.xreadgroup(keys.edge_group(), "w", {keys.frames_stream(): ">"}, count=2, block=500)
         read += sum(len(entries) for _, entries in got)
     t.join(10)
