@@ -55,6 +55,7 @@ from pathlib import Path
 
 import yaml
 
+from fallwatch.runtime import free_port
 from common import bench_start, cpu_seconds, edge_options, QUESTION, ROOT, Machine, figure, full_vilt_dir, load_average, \
     median_ratio, switcher_checkpoint
 
@@ -193,6 +194,7 @@ class UpfallRun:
     falls: dict | None
     load_average_1m: float
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process of the box used in the trial
+    cpu_wall_s: float = 0.0  # the wall time cpu_s was counted over (warm-up and the wait for the last verdicts too)
     station_events: int | None = None  # live-stream events the caregiver station received in the trial
     latencies_ms: tuple[float, ...] = field(default=(), repr=False)  # every final's, for pooled percentiles
 
@@ -336,7 +338,7 @@ class Roles:
 
         self.server = EmbeddedRedis(self.work / "redis", appendonly=False).__enter__()
         extra = {"switcher": {"audit_fraction": 0.0}}
-        self.station, self.web_port = None, free_port()
+        self.station, self.web_port = None, free_port() if self.features else 0
         if self.features:
             extra = feature_config(self.broker.port if self.broker else None, station_users(self.work))
         config = write_config(self.work / "upfall.yaml", self.server.url, self.model_dir, self.mode, self.batch,
@@ -358,7 +360,8 @@ class Roles:
         return self
 
     def pids(self) -> dict[str, int]:
-        """The processes of this configuration on the box: its roles, its redis-server, its broker."""
+        """The processes of this configuration on the box: its roles, its redis-server, its broker, and
+        this one ("cameras": the camera threads, and the station where there is one)."""
         pids = {role: proc.pid for role, proc in self.procs.items()} | {"redis": self.server.proc.pid, "cameras": os.getpid()}
         return pids | ({"mosquitto": self.broker.pid} if self.features and self.broker else {})
 
@@ -386,7 +389,7 @@ def start_roles(config: Path, logs: Path, features: bool, edge_workers: int = 1,
     return procs
 
 
-def feature_config(mqtt_port: int | None, users_file: Path | None = None) -> dict:
+def feature_config(mqtt_port: int | None, users_file: Path) -> dict:
     """Audits (2% of edge-decided frames) answered by a cloud worker (tiny model on the CPU) that
     writes the live DMD store, a hard cloud budget, and MQTT to a private broker (the web role is
     started beside them, with a caregiver station signed in). Without features, audits are off
@@ -394,7 +397,7 @@ def feature_config(mqtt_port: int | None, users_file: Path | None = None) -> dic
     extra: dict = {"switcher": {"audit_fraction": 0.02},
                    "cloud": {"model": "tiny", "device": "cpu", "dtype": "fp32",
                              "budget": {"mode": "hard", "hard_unit": "offloads", "hard_per_hour": 3600}},
-                   "web": {"port": 0} | ({"users_file": str(users_file)} if users_file else {})}
+                   "web": {"users_file": str(users_file)}}  # its port is given on its command line
     if mqtt_port:
         extra["mqtt"] = {"host": "127.0.0.1", "port": mqtt_port, "stats_period_s": 5}
     return extra
@@ -410,14 +413,6 @@ def station_users(work: Path) -> Path:
     path = work / "web-users.yaml"
     add_user(path, STATION_USER, "caregiver", STATION_PASSWORD)
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Station:
@@ -624,12 +619,13 @@ def alone(roles: Roles, shots, spec: Trial, tag: str) -> UpfallRun:
 
     discard_backlog(roles.client, roles.keys)
     pids = roles.pids()
-    before = cpu_seconds(pids)
+    before, started = cpu_seconds(pids), time.monotonic()
     try:
         events = roles.station.events if roles.station else 0
         run = trial(roles.client, roles.keys, roles.settings, shots, spec, tag)
         after = cpu_seconds(pids)
         return replace(run, cpu_s={name: round(after[name] - before[name], 2) for name in pids},
+                       cpu_wall_s=round(time.monotonic() - started, 2),
                        station_events=roles.station.events - events if roles.station else None)
     finally:
         discard_backlog(roles.client, roles.keys)
@@ -691,7 +687,7 @@ def features_p99_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine:
     p99 = [float(np.percentile(ms, 99)) if ms else None for ms in pooled]
     p50 = [float(np.percentile(ms, 50)) if ms else None for ms in pooled]
     ratio = round(p99[1] / p99[0], 3) if None not in p99 else None
-    wall = sum(r.seconds for pair in pairs for r in pair) / 2
+    wall = sum(b.cpu_wall_s for _a, b in pairs)
     cpu = [cpu_totals([pair[side] for pair in pairs]) for side in (0, 1)]
     extra = sum(cpu[1].values()) - sum(cpu[0].values())
     return figure("upfall.features_p99_ratio", ratio, "ratio", machine, "<= 1.05", lambda v: v <= 1.05,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ import structlog
 
 from fallwatch.keys import Keys
 from fallwatch.redis import EmbeddedRedis
+from fallwatch.runtime import free_port
 from fallwatch.schemas import AlertEvent, EventKind, EventType, FinalVerdict, decode
 from fallwatch.supervisor import RoleSpec, Supervisor, child_env, fallwatch_argv
 from fallwatch.webhook import WebhookReceiver
@@ -116,9 +116,7 @@ def web_login(cfg: DemoConfig, env: dict[str, str]) -> dict[str, str] | None:
     except RuntimeError as exc:
         print(f"  caregiver station not started: {str(exc).splitlines()[0]}", flush=True)
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return {"users_file": str(users), "port": str(port), "password": password,
             "url": f"http://127.0.0.1:{port}/"}
 

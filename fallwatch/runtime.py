@@ -42,6 +42,13 @@ def exit_stopped(code: int = 0) -> NoReturn:
     os._exit(code)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it), for a server started next."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def worker_name(role: str) -> str:
     """A worker's default name: role-host-pid (unique per process)."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}"

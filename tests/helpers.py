@@ -3,20 +3,14 @@ builders that plant verdicts on the streams."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
 
+from fallwatch.runtime import free_port  # noqa: F401 - the tests' free port is the core's
 from fallwatch.schemas import CloudVerdict, EdgeVerdict, Message, decode, encode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 60.0, interval: float = 0.05) -> bool:

@@ -81,7 +81,8 @@ def test_quick_plays_the_fall_cameras_faster_on_the_same_frames() -> None:
 def run(cameras: int, latencies: list[float], kept: bool = True, cpu: dict | None = None) -> bench_upfall.UpfallRun:
     p99 = float(np.percentile(latencies, 99))
     return bench_upfall.UpfallRun(cameras, True, False, 20.0, 0, len(latencies), len(latencies), 1.0, p99, 1.0, 1.0,
-                                  1.0, 1.0, 0.0, kept, None, 0.0, cpu_s=cpu or {}, latencies_ms=tuple(latencies))
+                                  1.0, 1.0, 0.0, kept, None, 0.0, cpu_s=cpu or {}, cpu_wall_s=25.0,
+                                  latencies_ms=tuple(latencies))
 
 
 def test_features_p99_pools_every_pair_before_the_percentile() -> None:
@@ -92,7 +93,8 @@ def test_features_p99_pools_every_pair_before_the_percentile() -> None:
     row = bench_upfall.features_p99_figure(pairs, Machine("cpu", 2, "t", "p", "g"))
     assert row.value == 1.0 and row.met and row.details["pairwise_p99_ratios"] == [0.5, 2.0]
     assert row.details["frames"] == [200, 200] and row.details["cpu_s_features"] == {"edge": 60.0, "cloud": 0.8}
-    assert row.details["features_share_of_box_cpu"] == pytest.approx(0.8 / (40.0 * 2), abs=1e-4)
+    # the extra CPU over the whole trials it was counted in (2 x 25 s), not their 20 s windows
+    assert row.details["features_share_of_box_cpu"] == pytest.approx(0.8 / (50.0 * 2), abs=1e-4)
     assert "latencies_ms" not in row.details["pairs"][0][0]
     slower = ((run(30, calm), run(30, [110.0] * 98 + [220.0, 220.0])),)
     assert bench_upfall.features_p99_figure(slower, Machine("cpu", 2, "t", "p", "g")).met is False
