@@ -161,6 +161,7 @@ class Plan:
     rate: int  # frames per second pushed
     offline_items: int = 3000  # items of the offline recipe (champion and oracle)
     epochs: int = 60  # most training epochs, offline and in refresh
+    ahead_s: float = 2.0  # the producer runs at most this many seconds of frames ahead of the final verdicts
 
     @classmethod
     def for_run(cls, quick: bool) -> "Plan":
@@ -174,12 +175,19 @@ class Timeline:
 
 
 class Producer:
-    """Pushes planted frames at a fixed rate; ``upto`` is how far it may go."""
+    """Pushes planted frames at a fixed rate; ``upto`` is how far it may go. It never runs more than
+    ``ahead`` frames ahead of the final verdicts (None: no limit), as cameras sized to what the box
+    carries: on a machine slower than the rate, the pipeline then lags by at most that much instead
+    of more and more, and ``held_s`` says how long the producer waited for it."""
 
-    def __init__(self, client, keys, cameras: int, rate: int, traffic: Traffic):
+    def __init__(self, client, keys, cameras: int, rate: int, traffic: Traffic, ahead: int | None = None):
         self.client, self.keys, self.cameras, self.rate, self.t = client, keys, cameras, rate, traffic
-        self.pushed, self.upto, self.stop = 0, 0, threading.Event()
+        self.pushed, self.upto, self.stop, self.ahead, self.held_s = 0, 0, threading.Event(), ahead, 0.0
         self.jpegs: dict[int, bytes] = {}
+
+    def _behind(self) -> bool:
+        """Whether the pipeline is ``ahead`` frames behind."""
+        return self.ahead is not None and self.pushed - self.client.xlen(self.keys.final_stream()) >= self.ahead
 
     def run(self) -> None:
         from fallwatch.schemas import FrameMessage, encode
@@ -187,8 +195,10 @@ class Producer:
         chunk, due = max(1, self.rate // 20), time.monotonic()
         while not self.stop.is_set():
             end = min(self.upto, self.pushed + chunk, len(self.t.labels))
-            if end <= self.pushed:
+            if end <= self.pushed or self._behind():
+                waited = time.monotonic()
                 self.stop.wait(0.02)
+                self.held_s += time.monotonic() - waited if end > self.pushed else 0.0
                 due = time.monotonic()  # the rate counts from when frames may go again
                 continue
             pipe = self.client.pipeline(transaction=False)
@@ -268,7 +278,7 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
         cloud = build_worker(settings, client, keys, PlantedCloud(traffic), name="cloud0")
         (work / "live.yaml").write_text(yaml.safe_dump(config))
         alerts = start_role(work / "live.yaml", work / "alerts.log", "alerts", "--no-notify", "--name", "alerts0")
-        producer = Producer(client, keys, 4, plan.rate, traffic)
+        producer = Producer(client, keys, 4, plan.rate, traffic, int(plan.ahead_s * plan.rate))
         threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in edges]
         threads += [threading.Thread(target=run, args=(cloud, stop), daemon=True),
                     threading.Thread(target=producer.run, daemon=True)]
@@ -328,7 +338,7 @@ def run_live(work: Path, quick: bool, seed: int = 0) -> dict:
         store_audits = sum(1 for r in dmd_store.iter_records(client, keys) if r.record.route == "audit")
         cloud_jobs = dict(zip(("offload", "audit"), cloud_counts(client, keys)))
     return summarise(plan, traffic, verdicts, finals, pushed, champion, oracle, v_champion, v_new, report,
-                     audits_to_drift, reloaded_at, cloud_jobs, store_audits, timeline, elapsed)
+                     audits_to_drift, reloaded_at, cloud_jobs, store_audits, timeline, elapsed, producer.held_s)
 
 
 def read_verdicts(client, keys) -> list:
@@ -385,7 +395,7 @@ def phase(verdicts, traffic: Traffic, cameras: int, lo: int, hi: int, version: s
 
 
 def summarise(plan, traffic, verdicts, finals, pushed, champion, oracle, v_champion, v_new, report, audits_to_drift,
-              reloaded_at, cloud_jobs, store_audits, timeline, elapsed) -> dict:
+              reloaded_at, cloud_jobs, store_audits, timeline, elapsed, held_s: float = 0.0) -> dict:
     scored = Counter(v.frame_id for v in verdicts)
     before = phase(verdicts, traffic, 4, 0, plan.n_a)
     after = phase(verdicts, traffic, 4, plan.n_a, timeline.marks["promotion"], v_champion)
@@ -397,7 +407,7 @@ def summarise(plan, traffic, verdicts, finals, pushed, champion, oracle, v_champ
     }
     curve = rolling(verdicts, traffic, 4)
     return {
-        "plan": asdict(plan), "frames": pushed, "seconds": round(elapsed, 1),
+        "plan": asdict(plan), "frames": pushed, "seconds": round(elapsed, 1), "producer_held_s": round(held_s, 1),
         "audits_to_drift": audits_to_drift, "catch_ratio": ratios,
         "catch": {k: round(p["catch"], 4) for k, p in (("before_change", before), ("after_change", after),
                                                         ("after_refresh", refreshed))},
@@ -463,7 +473,7 @@ def plot(result: dict, out: Path) -> Path:
 
 def figures(result: dict, machine: Machine) -> list:
     fraction = result["plan"]["audit_fraction"]
-    details = {k: result[k] for k in ("frames", "seconds", "catch", "catch_ratio", "offload_fraction", "audits",
+    details = {k: result[k] for k in ("frames", "seconds", "producer_held_s", "catch", "catch_ratio", "offload_fraction", "audits",
                                       "offloads", "audits_per_cloud_job", "versions", "refresh", "finals_twice")}
     return [
         figure("live_dmd.audits_to_drift", result["audits_to_drift"], "audits", machine, "<= 300",

@@ -17,8 +17,14 @@
    that exactly one of the two gets wrong, the challenger's share must not be so large that chance
    explains it less than 5% of the time (McNemar's exact test, one-sided). Comparing raw counts
    instead refused a challenger that caught 79% of disagreements against the champion's 26% over 52
-   errors against 47 of 893. Promotion publishes the challenger (edge workers
-   hot-reload it); the champion stays in the history for ``fallwatch switcher rollback``.
+   errors against 47 of 893. The items count with the same inverse-propensity weights as the
+   catch (scaled to their effective number, Kish's n_eff, for the exact test): the held-out records
+   are the champion's own offloads and a sample of the rest, so unweighted the champion, which by
+   construction sent every one of its offloads to the (right) cloud, is favoured. Unweighted, a
+   benchmark's challenger catching 71% of disagreements against 26% was refused on 35 items alone
+   wrong against 15 (p 0.003); on a replica of that traffic (tests) the weighted error rates were
+   9.0% against 20.8%. Promotion publishes the challenger
+   (edge workers hot-reload it); the champion stays in the history for ``fallwatch switcher rollback``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class Score:
     catch: float  # weighted share of edge/cloud disagreements sent to the cloud
     gt_items: int
     gt_errors: int  # combined-verdict errors against ground truth (caregiver outcomes, replays)
+    gt_error_rate: float = 0.0  # the same, weighted: the traffic's share of wrong verdicts among items with truth
 
 
 def score_on(agreement: np.ndarray, hold: LiveData, fraction: float, labels: np.ndarray | None,
@@ -84,7 +91,14 @@ def score_on(agreement: np.ndarray, hold: LiveData, fraction: float, labels: np.
     disagree = ~hold.data.agree
     catch = float((w * (sent & disagree)).sum() / max((w * disagree).sum(), 1e-12))
     wrong = combined_wrong(sent, hold, labels)
-    return Score(version, t, float((w * sent).sum() / w.sum()), catch, len(wrong), int(wrong.sum())), wrong
+    wk = truth_weights(hold, labels)
+    rate = float((wk * wrong).sum() / wk.sum()) if wrong.size else 0.0
+    return Score(version, t, float((w * sent).sum() / w.sum()), catch, len(wrong), int(wrong.sum()), rate), wrong
+
+
+def truth_weights(hold: LiveData, labels: np.ndarray | None) -> np.ndarray:
+    """The inverse-propensity weights of the held-out items with ground truth (``combined_wrong``'s order)."""
+    return np.zeros(0) if labels is None else hold.weights[labels >= 0]
 
 
 def combined_wrong(sent: np.ndarray, hold: LiveData, labels: np.ndarray | None) -> np.ndarray:
@@ -95,6 +109,19 @@ def combined_wrong(sent: np.ndarray, hold: LiveData, labels: np.ndarray | None) 
     known = labels >= 0
     combined = np.where(sent, hold.data.column("cloud_pred", bool), hold.data.column("edge_pred", bool))
     return combined[known] != (labels[known] == 1)
+
+
+def weighted_discordant(ch_wrong: np.ndarray, cp_wrong: np.ndarray, weights: np.ndarray) -> tuple[int, int]:
+    """(challenger alone wrong, champion alone wrong) as counts for McNemar's test: the discordant
+    items' weighted shares of their effective number (Kish: (sum w)^2 / sum w^2). Equal weights
+    give the raw counts."""
+    only_ch, only_cp = ch_wrong & ~cp_wrong, cp_wrong & ~ch_wrong
+    w = weights[only_ch | only_cp]
+    if w.size == 0:
+        return 0, 0
+    n_eff = int(round(w.sum() ** 2 / (w ** 2).sum()))
+    ch = int(round(n_eff * weights[only_ch].sum() / w.sum()))
+    return ch, n_eff - ch
 
 
 def more_errors_p(challenger_only: int, champion_only: int) -> float:
@@ -139,7 +166,7 @@ class RefreshReport:
     better: bool
     promoted: bool = False
     reason: str = ""
-    # ground truth: items only the challenger gets wrong, only the champion, and more_errors_p of them
+    # ground truth: items only the challenger gets wrong, only the champion (weighted), and more_errors_p of them
     discordant: tuple[int, int] = (0, 0)
     more_errors_p: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +266,7 @@ def refresh(client: Any, keys: Keys, settings: Settings, promote: bool = False, 
     cp, discordant = None, (0, 0)
     if champ is not None:
         cp, cp_wrong = score_on(champ.agreement(hold.data.features), hold, target, labels, champ.version)
-        discordant = int((ch_wrong & ~cp_wrong).sum()), int((cp_wrong & ~ch_wrong).sum())
+        discordant = weighted_discordant(ch_wrong, cp_wrong, truth_weights(hold, labels))
     p = more_errors_p(*discordant)
     report = RefreshReport(len(live.records), len(train.records), len(val.records), len(hold.records), target,
                            settings.dmd.refresh_margin, cp, ch, str(out),
@@ -267,8 +294,9 @@ def _reason(rep: RefreshReport) -> str:
     verdict = "better" if rep.better else "not better"
     return (f"challenger catches {100 * ch.catch:.1f}% of held-out disagreements at {100 * ch.offload_fraction:.1f}% "
             f"offload, champion {100 * cp.catch:.1f}% at {100 * cp.offload_fraction:.1f}% (margin "
-            f"{100 * rep.margin:.1f} pp; ground-truth errors {ch.gt_errors} vs {cp.gt_errors} of {ch.gt_items}, "
-            f"{rep.discordant[0]} vs {rep.discordant[1]} alone, p {rep.more_errors_p:.3g}): {verdict}")
+            f"{100 * rep.margin:.1f} pp; ground-truth errors {100 * ch.gt_error_rate:.1f}% vs "
+            f"{100 * cp.gt_error_rate:.1f}% of the traffic ({ch.gt_errors} vs {cp.gt_errors} of {ch.gt_items} items), "
+            f"{rep.discordant[0]} vs {rep.discordant[1]} alone (weighted), p {rep.more_errors_p:.3g}): {verdict}")
 
 
 def _promote(client: Any, keys: Keys, champ: Switcher | None, settings: Settings, out: Path) -> None:

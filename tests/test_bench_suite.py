@@ -119,3 +119,31 @@ def test_station_signs_in_and_reads_the_live_stream() -> None:
             proc.wait(15)
             client.close()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_live_dmd_producer_waits_for_the_final_verdicts_when_ahead(tmp_path: Path) -> None:
+    import threading
+
+    import bench_live_dmd
+
+    traffic = bench_live_dmd.make_traffic(200, 200, seed=0)
+    keys = Keys("prod")
+    with EmbeddedRedis(tmp_path / "redis", appendonly=False) as server:
+        client = redis.Redis.from_url(server.url)
+        producer = bench_live_dmd.Producer(client, keys, 4, 1000, traffic, ahead=100)
+        producer.upto = 400
+        thread = threading.Thread(target=producer.run, daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.0)  # at 1000 frames/s it would have pushed all 400 by now
+            held = producer.pushed
+            assert 100 <= held < 200 and producer.held_s > 0.5, (held, producer.held_s)
+            for i in range(held):  # the pipeline decides what it was given: the producer goes on
+                client.xadd(keys.final_stream(), {"i": i})
+            deadline = time.monotonic() + 5
+            while producer.pushed <= held and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert held < producer.pushed <= held + 150, producer.pushed
+        finally:
+            producer.stop.set()
+            thread.join(5)

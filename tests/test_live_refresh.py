@@ -17,7 +17,8 @@ from switcher.model import Switcher, SwitcherConfig, read_card, write_card
 from switcher.planted import Planted, Rule, planted
 from switcher.publish import current_version, history, publish
 from switcher.records import DmdMeta, write_arrays
-from switcher.refresh import Score, _better, more_errors_p, outcome_labels, refresh, weighted_threshold
+from switcher.refresh import (Score, _better, more_errors_p, outcome_labels, refresh, weighted_discordant,
+                              weighted_threshold)
 from switcher.train import train_switcher
 from tests.faults import fallwatch
 
@@ -48,21 +49,24 @@ def champion_dir(tmp_path_factory):
     return root / "ckpt"
 
 
-def route_traffic(r, keys, settings, champ: Switcher, rule: Rule, n: int, seed: int, noise: bool = False) -> int:
-    """Traffic through the champion's routing into the store: offloads (inclusion 1) and audits."""
+def route_traffic(r, keys, settings, champ: Switcher, rule: Rule, n: int, seed: int, noise: bool = False,
+                  audit_fraction: float = AUDIT, truth: bool = False, flips: float = 0.0) -> int:
+    """Traffic through the champion's routing into the store: offloads (inclusion 1) and audits
+    (with ``truth``, each carrying its ground truth, as a replay's frames do)."""
     rng = np.random.default_rng(seed)
-    p = planted(rng, n, DIM, rule)
+    p = planted(rng, n, DIM, rule, flips)
     if noise:  # disagreements unrelated to the features
         flip = rng.random(n) < 0.25
         p = Planted(p.features, p.labels, np.where(p.labels ^ flip, 0.8, 0.2), p.cloud_p, flip)
     offload = champ.agreement(p.features) < champ.threshold
-    audit = ~offload & (rng.random(n) < AUDIT)
+    audit = ~offload & (rng.random(n) < audit_fraction)
     pipe = r.pipeline(transaction=False)
     for i in np.flatnonzero(offload | audit):
         rec = DmdRecord(frame_id=f"cam1:{seed}:{i}", camera_id="cam1", captured_at=1.7e9 + i, edge_p_fall=p.edge_p[i],
                         cloud_p_fall=p.cloud_p[i], agree=bool(not p.disagree[i]),
-                        route="offload" if offload[i] else "audit", inclusion=1.0 if offload[i] else AUDIT,
-                        edge_model_id=EDGE, questions=list(QUESTIONS), feature_dim=DIM)
+                        route="offload" if offload[i] else "audit", inclusion=1.0 if offload[i] else audit_fraction,
+                        edge_model_id=EDGE, questions=list(QUESTIONS), feature_dim=DIM,
+                        gt_fall=bool(p.labels[i]) if truth else None)
         dmd_store.append(pipe, keys, settings.dmd, rec, dmd_store.features_to_bytes(p.features[i]))
     pipe.execute()
     return int((offload | audit).sum())
@@ -130,3 +134,28 @@ def test_ground_truth_refuses_a_challenger_only_when_it_is_significantly_worse()
     assert _better(challenger, champion, 0.02, more_errors_p(15, 10))  # 5 more errors of 893: noise
     assert not _better(challenger, champion, 0.02, more_errors_p(20, 5))  # 15 more: not chance
     assert not _better(Score("ch", 0.5, 0.3, 0.27, 893, 40), champion, 0.02, 1.0)  # catches too little more
+
+
+def test_discordant_items_count_as_the_traffic_they_stand_for() -> None:
+    ch = np.array([True, True, False, False, True])
+    cp = np.array([False, False, True, False, True])
+    assert weighted_discordant(ch, cp, np.ones(5)) == (2, 1)  # equal weights: the raw counts
+    # one champion-only item audited at 2% stands for 50: it outweighs the challenger's two offloads,
+    # and the three weighted items are worth about one item of evidence
+    assert weighted_discordant(ch, cp, np.array([1.0, 1.0, 50.0, 1.0, 1.0])) == (0, 1)
+    assert weighted_discordant(ch & False, cp & False, np.ones(5)) == (0, 0)
+
+
+def test_ground_truth_on_the_champions_own_offloads_does_not_keep_it(settings, r, keys, champion_dir,
+                                                                     tmp_path) -> None:
+    """The held-out records are the champion's offloads (all sent to the cloud, which is right) and a
+    2% sample of the rest: counted raw, the champion makes fewer ground-truth errors; counted as
+    the traffic they stand for, the challenger that learned the new traffic makes fewer."""
+    champ = Switcher.load(champion_dir)
+    settings = settings.model_copy(update={"switcher": settings.switcher.model_copy(update={"checkpoint": champion_dir})})
+    route_traffic(r, keys, settings, champ, RULE_B, 15000, seed=4, audit_fraction=0.02, truth=True, flips=0.05)
+    report = refresh(r, keys, settings, promote=True, out=tmp_path / "challenger")
+    ch, cp = report.challenger, report.champion
+    assert ch.gt_items > 0 and ch.gt_errors > cp.gt_errors, report.reason  # raw counts favour the champion
+    assert ch.gt_error_rate < cp.gt_error_rate and report.more_errors_p > 0.5, report.reason  # weighted: it is better
+    assert ch.catch > cp.catch + settings.dmd.refresh_margin and report.promoted, report.reason
