@@ -33,8 +33,9 @@ the web role and MQTT enabled, alternating with the plain configuration (A B A B
 * ``upfall.features_p99_ratio``: p99 with the features over p99 without, at 3/4 of those cameras (a
   load both carry, as the e2e section's 16 cameras: at the most kept up, p99 is queueing and
   swings 1.5-4x between two plain trials). Each side's latencies are pooled over ``FEATURE_PAIRS``
-  pairs before the percentile, so the p99 rests on several hundred frames, not a handful. The CPU
-  seconds each process used in the trials say what the features cost the box.
+  pairs before the percentile, so the p99 rests on several hundred frames, not a handful, and its
+  95% bootstrap interval says how far another run could move it. The CPU seconds each process
+  used in the trials say what the features cost the box.
 
     .venv/bin/python bench/bench_upfall.py --out bench/results/upfall [--quick] [--upfall DIR]
 """
@@ -65,7 +66,7 @@ ROOM_MIX = ("standing", "standing", "standing", "walking")  # camera i plays ROO
 FPS = 1.0
 STEP = 8
 QUICK_FALL_FPS = 2.0  # --quick plays the fall clips' frames twice as fast: the same frames, half the wait
-FEATURE_PAIRS = 3  # with/without-features pairs pooled for the p99 ratio (one with --quick --features)
+FEATURE_PAIRS = 4  # with/without-features pairs pooled for the p99 ratio (one with --quick --features)
 FEATURE_LOAD = 0.75  # the p99 ratio's cameras, of the most kept up
 LEAD_IN_S = 8.0  # standing footage before a fall clip, so the gate has a still scene to compare with
 
@@ -693,12 +694,24 @@ def features_p99_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine:
     return figure("upfall.features_p99_ratio", ratio, "ratio", machine, "<= 1.05", lambda v: v <= 1.05,
                   cameras=pairs[0][0].cameras, frames=[len(ms) for ms in pooled],
                   p99_ms=[round(v, 1) for v in p99 if v is not None],
+                  ratio_ci95=ratio_interval(*pooled) if ratio is not None else None,
                   p50_ratio=round(p50[1] / p50[0], 3) if None not in p50 else None,
                   pairwise_p99_ratios=[round(b.p99_ms / a.p99_ms, 3) for a, b in pairs if a.p99_ms and b.p99_ms],
                   all_kept_up=all(r.kept_up for pair in pairs for r in pair), cpu_s_plain=cpu[0],
                   station_events=[b.station_events for _a, b in pairs],
                   cpu_s_features=cpu[1], features_share_of_box_cpu=round(extra / (wall * (os.cpu_count() or 1)), 4),
                   pairs=[[run_details(a), run_details(b)] for a, b in pairs])
+
+
+def ratio_interval(plain: list[float], rich: list[float], q: float = 99.0, draws: int = 2000) -> list[float]:
+    """The 95% bootstrap interval of percentile ``q`` of ``rich`` over that of ``plain`` (each side
+    resampled on its own, seeded): how far the ratio the run measured could move on another run."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(plain), np.asarray(rich)
+    top = [np.percentile(rng.choice(x, (draws, x.size)), q, axis=1) for x in (a, b)]
+    return [round(float(v), 3) for v in np.percentile(top[1] / top[0], [2.5, 97.5])]
 
 
 def cpu_totals(runs: list[UpfallRun]) -> dict[str, float]:

@@ -100,6 +100,18 @@ def test_features_p99_pools_every_pair_before_the_percentile() -> None:
     assert bench_upfall.features_p99_figure(slower, Machine("cpu", 2, "t", "p", "g")).met is False
 
 
+def test_features_p99_ratio_comes_with_how_far_another_run_could_move_it() -> None:
+    rng = np.random.default_rng(1)
+    same = [list(rng.exponential(100.0, 400)) for _ in range(2)]
+    low, high = bench_upfall.ratio_interval(*same)
+    assert low < 1.0 < high  # the same distribution: 1 is inside
+    more = [list(rng.exponential(100.0, 4000)) for _ in range(2)]
+    low10, high10 = bench_upfall.ratio_interval(*more)
+    assert high10 - low10 < (high - low) / 2  # ten times the frames: a far narrower interval
+    slower = bench_upfall.ratio_interval(more[0], [1.5 * v for v in more[1]])
+    assert slower[0] > 1.2  # half as slow again at the tail: clearly outside
+
+
 def test_features_cameras_ratio_tries_95_percent_only_when_the_features_fall_behind(monkeypatch) -> None:
     tried = []
     plain, rich = SimpleNamespace(name="plain", features=False), SimpleNamespace(name="rich", features=True)
