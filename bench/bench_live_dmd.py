@@ -195,10 +195,12 @@ class Producer:
         chunk, due = max(1, self.rate // 20), time.monotonic()
         while not self.stop.is_set():
             end = min(self.upto, self.pushed + chunk, len(self.t.labels))
-            if end <= self.pushed or self._behind():
+            held = end > self.pushed and self._behind()
+            if end <= self.pushed or held:
                 waited = time.monotonic()
                 self.stop.wait(0.02)
-                self.held_s += time.monotonic() - waited if end > self.pushed else 0.0
+                if held:
+                    self.held_s += time.monotonic() - waited
                 due = time.monotonic()  # the rate counts from when frames may go again
                 continue
             pipe = self.client.pipeline(transaction=False)

@@ -34,8 +34,8 @@ the web role and MQTT enabled, alternating with the plain configuration (A B A B
   load both carry, as the e2e section's 16 cameras: at the most kept up, p99 is queueing and
   swings 1.5-4x between two plain trials). Each side's latencies are pooled over ``FEATURE_PAIRS``
   pairs before the percentile, so the p99 rests on several hundred frames, not a handful, and its
-  95% bootstrap interval over the pairs says how far another run could move it. The CPU seconds each process
-  used in the trials say what the features cost the box.
+  95% bootstrap interval over the pairs says how far another run could move it. The CPU seconds
+  each process used in the trials say what the features cost the box.
 
     .venv/bin/python bench/bench_upfall.py --out bench/results/upfall [--quick] [--upfall DIR]
 """
@@ -690,9 +690,8 @@ def features_p99_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine:
     ratio = round(p99[1] / p99[0], 3) if None not in p99 else None
     wall = sum(b.cpu_wall_s for _a, b in pairs)
     cpu = [cpu_totals([pair[side] for pair in pairs]) for side in (0, 1)]
-    extra = sum(cpu[1].values()) - sum(cpu[0].values())
-    beside = sum(v for k, v in cpu[1].items() if not k.startswith("edge")) - \
-        sum(v for k, v in cpu[0].items() if not k.startswith("edge"))
+    box_s = wall * (os.cpu_count() or 1)
+    extra, beside = (cpu_sum(cpu[1], edge) - cpu_sum(cpu[0], edge) for edge in (True, False))
     return figure("upfall.features_p99_ratio", ratio, "ratio", machine, "<= 1.05", lambda v: v <= 1.05,
                   cameras=pairs[0][0].cameras, frames=[len(ms) for ms in pooled],
                   p99_ms=[round(v, 1) for v in p99 if v is not None],
@@ -702,10 +701,10 @@ def features_p99_figure(pairs: tuple[tuple[UpfallRun, UpfallRun], ...], machine:
                   pairwise_p99_ratios=[round(b.p99_ms / a.p99_ms, 3) for a, b in pairs if a.p99_ms and b.p99_ms],
                   all_kept_up=all(r.kept_up for pair in pairs for r in pair), cpu_s_plain=cpu[0],
                   station_events=[b.station_events for _a, b in pairs],
-                  cpu_s_features=cpu[1], features_share_of_box_cpu=round(extra / (wall * (os.cpu_count() or 1)), 4),
+                  cpu_s_features=cpu[1], features_share_of_box_cpu=round(extra / box_s, 4),
                   # without the edge workers, whose CPU at the same load moves by seconds between two
                   # plain trials (their threads spin while they wait for frames)
-                  features_share_beside_edge=round(beside / (wall * (os.cpu_count() or 1)), 4),
+                  features_share_beside_edge=round(beside / box_s, 4),
                   pairs=[[run_details(a), run_details(b)] for a, b in pairs])
 
 
@@ -723,6 +722,11 @@ def ratio_interval(pairs: list[tuple[list[float], list[float]]], q: float = 99.0
         plain, rich = ([ms for pair in chosen for ms in pair[side]] for side in (0, 1))
         ratios.append(np.percentile(rich, q) / np.percentile(plain, q))
     return [round(float(v), 3) for v in np.percentile(ratios, [2.5, 97.5])]
+
+
+def cpu_sum(cpu: dict[str, float], edge: bool = True) -> float:
+    """CPU seconds of every process in ``cpu``, or (``edge`` False) of all but the edge workers."""
+    return sum(v for name, v in cpu.items() if edge or not name.startswith("edge"))
 
 
 def cpu_totals(runs: list[UpfallRun]) -> dict[str, float]:
