@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from fallwatch.keys import Keys
+from fallwatch.keys import Keys, text
 from fallwatch.redis import EmbeddedRedis
 from fallwatch.schemas import AlertEvent, CloudVerdict, DeadLetter, EdgeVerdict, FinalVerdict, decode
 from tests.helpers import wait_for
@@ -229,6 +229,21 @@ def events(client: redis.Redis, keys: Keys) -> list[AlertEvent]:
 
 def dead_letters(client: redis.Redis, keys: Keys) -> list[DeadLetter]:
     return [decode(f, expect=DeadLetter)[0] for _, f in client.xrange(keys.dead_letter_stream())]
+
+
+def consumed(client: redis.Redis, stream: str, group: str) -> bool:
+    """Every entry of ``stream`` delivered to ``group`` and acknowledged."""
+    info = next(g for g in client.xinfo_groups(stream) if text(g["name"]) == group)
+    last = client.xrevrange(stream, count=1)
+    return int(info["pending"]) == 0 and (not last or text(info["last-delivered-id"]) == text(last[0][0]))
+
+
+def nothing_owed(client: redis.Redis, keys: Keys) -> bool:
+    """The alerts service has applied every final verdict and camera status, and the notifier has
+    delivered every notification they caused (delivered outbox entries are deleted)."""
+    return (consumed(client, keys.final_stream(), keys.alerts_group())
+            and consumed(client, keys.camera_status_stream(), keys.status_group())
+            and client.xlen(keys.notify_outbox_stream()) == 0)
 
 
 def upstream_repeats(client: redis.Redis, keys: Keys) -> int:
