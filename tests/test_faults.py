@@ -201,7 +201,7 @@ def test_redis_killed_and_restarted_mid_stream(server, client, tmp_path) -> None
         settings = dict(switcher__offload_all=True, cloud__batch_size=4, alerts__cloud_timeout_s=10,
                         alerts__debounce_k=1, alerts__debounce_n=1, alerts__cooldown_s=0, alerts__quiet_s=2,
                         notifications__urls=[hook.url()], notifications__retry_base_s=0.2,
-                        notifications__retry_cap_s=1.0)
+                        notifications__retry_cap_s=1.0, alerts__offline_grace_s=0)
         with Roles(server.url, tmp_path, **settings) as roles:
             roles.start("edge", "edge", "--name", "edge-1")
             roles.start("cloud", "cloud", "--name", "cloud-1")

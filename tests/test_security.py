@@ -164,7 +164,7 @@ def test_secrets_never_leak_and_nothing_is_written_to_disk(password_redis, tmp_p
     settings = dict(cameras=[{"id": "door", "url": camera_url}], notifications__urls=[notify_url],
                     notifications__retry_base_s=0.2, notifications__timeout_s=1, ingest__open_timeout_s=2,
                     ingest__reconnect_base_s=0.5, switcher__offload_all=True, metrics__enabled=True,
-                    metrics__port=0, logging__level="debug")
+                    metrics__port=0, logging__level="debug", alerts__offline_grace_s=0)
     with Roles(url, work, extra_env={"TMPDIR": str(tmp)}, **settings) as roles:
         roles.start("alerts", "alerts", "--name", "alerts-1")
         roles.start("ingest", "ingest")
